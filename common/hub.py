@@ -1,0 +1,73 @@
+"""HuggingFace Hub access for the preprocessed dataset: token check and resumable upload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from common.cli import ConfigurationError
+from common.io import retry_with_backoff
+from common.schema import STATE_DIR
+
+DEFAULT_HF_REPO = "Conner/sddec25-01"
+# Resume bookkeeping and writer temporaries stay local.
+UPLOAD_IGNORE = [f"{STATE_DIR}/*", "**/.tmp-*", ".tmp-*"]
+
+
+def require_hf_token() -> str:
+    """The Hub token (HF_TOKEN or `hf auth login`), or exit 2 with how to provide one."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise ConfigurationError(
+            "no HuggingFace token found, so the dataset cannot be pushed. Set HF_TOKEN or run "
+            "`hf auth login`, or pass --no-push to keep the output local."
+        )
+    return token
+
+
+def make_hub_api(token: str):
+    """The HfApi client (a seam: tests substitute a recording stand-in for the network part)."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+def push_dataset(folder: str | os.PathLike, repo_id: str, token: str, attempts: int = 5, api=None) -> str:
+    """Upload a dataset folder to a Hub dataset repo; returns the commit URL.
+
+    ``upload_folder`` skips files already committed and deduplicates uploaded chunks, so each
+    retry (and a rerun after an interruption) resumes rather than starts over.
+    """
+    api = api or make_hub_api(token)
+    folder = Path(folder)
+    retry_with_backoff(
+        lambda: api.create_repo(repo_id, repo_type="dataset", exist_ok=True),
+        attempts=attempts,
+        describe=f"creating dataset repo {repo_id}",
+    )
+    commit = retry_with_backoff(
+        lambda: api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="dataset",
+            ignore_patterns=UPLOAD_IGNORE,
+            commit_message="Upload preprocessed OpenEDS shards",
+        ),
+        attempts=attempts,
+        describe=f"uploading {folder} to {repo_id}",
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+def download_dataset(repo_id: str, dest: str | os.PathLike, splits: list[str]) -> Path:
+    """Fetch a Hub dataset's manifest and the shards of ``splits`` into ``dest`` (Hub layout)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["manifest.json", "README.md"] + [f"data/{split}-*.parquet" for split in splits]
+    path = retry_with_backoff(
+        lambda: snapshot_download(repo_id, repo_type="dataset", local_dir=str(dest), allow_patterns=patterns),
+        describe=f"downloading {repo_id}",
+    )
+    return Path(path)

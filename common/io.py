@@ -1,0 +1,79 @@
+"""Small file-system and retry helpers shared by every module that writes or fetches data."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path``; on success fsync it and rename over ``path``.
+
+    A crash or a kill at any point leaves either the old file or the new one, never half of one.
+    The temporary name starts with '.' so dataset loaders and glob patterns never pick it up.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, data) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporaries left by a killed writer in ``folder``; returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).glob(".tmp-*"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def retry_with_backoff(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 2.0,
+    max_delay: float = 60.0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    describe: str = "operation",
+    sleep: Callable[[float], None] | None = None,
+) -> T:
+    """Call ``fn`` until it succeeds, waiting base_delay * 2**k (+ up to 10% jitter) between tries.
+
+    The last exception is re-raised once ``attempts`` tries have failed.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except retry_on as exc:
+            if attempt == attempts:
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
+            delay *= 1.0 + 0.1 * random.random()
+            print(f"warning: {describe} failed ({exc}); retry {attempt}/{attempts - 1} in {delay:.1f}s")
+            (sleep or time.sleep)(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,145 @@
+"""Check a preprocessed dataset against its raw data: schema, and recomputed rows column by column.
+
+Tolerances: uint8, bool and string columns must match exactly. Float columns are compared by
+maximum absolute difference: ``FLOAT_TOLERANCE`` for the maps and normalized ellipse values
+(float32 rounding of identical computations is exact; the margin absorbs OpenCV builds whose
+distance transform or ellipse fit differ in the last bits), ``ANGLE_TOLERANCE`` degrees for the angle.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from datasets import Dataset, Features
+
+from common.pipeline import SampleOptions, load_row
+from common.preprocess import SkipSample
+from common.raw_sources import RawSample
+from common.schema import DATA_DIR, MANIFEST_NAME, dataset_features, image_size_of
+
+FLOAT_TOLERANCE = 1e-5
+ANGLE_TOLERANCE = 1e-3
+EXACT_COLUMNS = ("image", "label", "filename", "preprocessed")
+
+
+def tolerance_for(column: str) -> float:
+    if column in EXACT_COLUMNS:
+        return 0.0
+    return ANGLE_TOLERANCE if column == "angle" else FLOAT_TOLERANCE
+
+
+@dataclass
+class ColumnCheck:
+    rows: int = 0
+    max_diff: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ValidationReport:
+    schema_errors: list[str] = field(default_factory=list)
+    row_errors: list[str] = field(default_factory=list)
+    columns: dict[str, ColumnCheck] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        checked = any(c.rows for c in self.columns.values())
+        return checked and not self.schema_errors and not self.row_errors and not any(
+            c.failures for c in self.columns.values()
+        )
+
+    def render(self) -> str:
+        lines = ["column           rows  max |diff|   tolerance  status"]
+        for name, check in self.columns.items():
+            status = "ok" if not check.failures else f"MISMATCH in {len(check.failures)} rows"
+            tol = tolerance_for(name)
+            lines.append(f"{name:<15} {check.rows:>5}  {check.max_diff:>10.3g}  {tol:>10.3g}  {status}")
+            lines.extend(f"    {failure}" for failure in check.failures[:5])
+        lines.extend(f"schema: {error}" for error in self.schema_errors)
+        lines.extend(f"row: {error}" for error in self.row_errors)
+        lines.append("RESULT: " + ("all checked rows match" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def check_schema(features: Features, report: ValidationReport) -> tuple[int, int]:
+    """Compare a shard's declared Features with the expected schema for its image size."""
+    try:
+        size = image_size_of(features)
+    except (KeyError, AttributeError):
+        report.schema_errors.append(f"no Array2D 'image' column; columns are {list(features)}")
+        return (0, 0)
+    expected = dataset_features(*size)
+    for name in sorted(set(expected) | set(features)):
+        if features.get(name) != expected.get(name):
+            report.schema_errors.append(f"{name}: found {features.get(name)}, expected {expected.get(name)}")
+    return size
+
+
+def _compare(name: str, stored, fresh, check: ColumnCheck, filename: str) -> None:
+    check.rows += 1
+    if name in ("filename", "preprocessed"):
+        if stored != fresh:
+            check.failures.append(f"{filename}: {stored!r} != {fresh!r}")
+        return
+    stored, fresh = np.asarray(stored, np.float64), np.asarray(fresh, np.float64)
+    if stored.shape != fresh.shape:
+        check.failures.append(f"{filename}: shape {stored.shape} != {fresh.shape}")
+        return
+    diff = float(np.max(np.abs(stored - fresh))) if stored.size else 0.0
+    check.max_diff = max(check.max_diff, diff)
+    if not diff <= tolerance_for(name):  # also catches NaN
+        check.failures.append(f"{filename}: max |diff| {diff:.3g}")
+
+
+def sample_rows(files: list[Path], count: int, rng: random.Random):
+    """Yield ``count`` random rows (as dicts of numpy values) from a split's parquet files."""
+    index = []  # (path, row group, row within the group) of every row
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        for group in range(meta.num_row_groups):
+            index.extend((path, group, row) for row in range(meta.row_group(group).num_rows))
+    for path, group, row in sorted(rng.sample(index, min(count, len(index)))):
+        table = pq.ParquetFile(path).read_row_group(group).slice(row, 1)
+        yield Dataset(table).with_format("numpy")[0]
+
+
+def validate_split(files, raw: dict[str, RawSample], options, count, rng, report) -> None:
+    """Recompute ``count`` random rows of one split from raw and compare every column."""
+    for stored in sample_rows(files, count, rng):
+        filename = str(stored["filename"])
+        if filename not in raw:
+            report.row_errors.append(f"{filename}: no raw sample with this name")
+            continue
+        try:
+            fresh = load_row(raw[filename], options)
+        except SkipSample as exc:
+            report.row_errors.append(f"{filename}: raw sample is now skipped ({exc})")
+            continue
+        for name in fresh:
+            _compare(name, stored.get(name), fresh[name], report.columns.setdefault(name, ColumnCheck()), filename)
+
+
+def validate_dataset(root, raw_by_split: dict[str, list[RawSample]], count: int = 20, seed: int = 0,
+                     options: SampleOptions | None = None) -> ValidationReport:
+    """Validate a local dataset folder (Hub datasets are downloaded to one first)."""
+    root, report, rng = Path(root), ValidationReport(), random.Random(seed)
+    manifest_path = root / MANIFEST_NAME
+    if options is None and manifest_path.exists():
+        saved = json.loads(manifest_path.read_text()).get("options", {})
+        options = SampleOptions(**{k: v for k, v in saved.items() if k != "preprocessing"})
+    options = options or SampleOptions()
+    for split, samples in raw_by_split.items():
+        files = sorted((root / DATA_DIR).glob(f"{split}-*.parquet"))
+        if not files:
+            report.schema_errors.append(f"split '{split}' has no shards under {root / DATA_DIR}")
+            continue
+        features = Features.from_arrow_schema(pq.read_schema(files[0]))
+        if check_schema(features, report) != (options.height, options.width):
+            report.schema_errors.append(f"split '{split}': image size differs from {options.height}x{options.width}")
+        validate_split(files, {s.name: s for s in samples}, options, count, rng, report)
+    return report
