@@ -138,7 +138,7 @@ def run_shards(out_dir, plans: list[ShardPlan], options: SampleOptions, workers:
     todo = [p for p in plans if not shard_is_done(out_dir, p, options)]
     total = sum(len(p.samples) for p in todo)
     datasets.disable_progress_bars()  # one bar for the whole run, not one per shard
-    with mp.get_context("fork").Pool(workers, initializer=_worker_init) as pool, tqdm(
+    with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool, tqdm(
         total=total, desc="preprocess", unit="sample", dynamic_ncols=True
     ) as bar:
         for plan in todo:
