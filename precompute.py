@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from common import hub, raw_sources
 from common.cli import UserError, report_errors
-from common.pipeline import (
-    SampleOptions, default_workers, plan_shards, run_shards, summarize_skips, write_manifest,
-)
+from common.pipeline import SampleOptions, build_dataset, default_workers
 from common.schema import DATA_DIR
 from common.validation import FLOAT_TOLERANCE, validate_dataset
 
@@ -98,18 +95,6 @@ def run_validation(args, samples) -> None:
         raise UserError("validation failed: the dataset does not match its raw data")
 
 
-def check_not_all_skipped(manifest: dict, options: SampleOptions) -> None:
-    for split, counts in manifest["splits"].items():
-        if counts["rows"] == 0 and counts["skipped"] > 0:
-            reasons = summarize_skips([s for s in manifest["skipped"] if s["split"] == split])
-            raise UserError(
-                f"all {counts['skipped']} samples of split '{split}' were skipped: {reasons}. "
-                f"Frames must be {options.height}x{options.width} uint8 grayscale with labels in 0..3: "
-                "use --size H W to change the expected size, --letterbox to fit other sizes into it, "
-                "or --keep-empty to keep frames without a pupil."
-            )
-
-
 @report_errors
 def main(args) -> None:
     token = None if (args.no_push or args.validate) else hub.require_hf_token()
@@ -119,19 +104,14 @@ def main(args) -> None:
     samples = raw_samples(args)
     if args.validate:
         return run_validation(args, samples)
-    options = sample_options(args)
-    plans = plan_shards(samples, args.shard_size)
-    start = time.perf_counter()
-    stats = run_shards(args.output_dir, plans, options, args.workers)
-    elapsed = time.perf_counter() - start
     source = "synthetic" if args.synthetic is not None else f"kaggle:{raw_sources.KAGGLE_DATASET}"
-    manifest = write_manifest(args.output_dir, plans, options, source)
-    check_not_all_skipped(manifest, options)
+    manifest, stats = build_dataset(samples, args.output_dir, sample_options(args), args.workers,
+                                    args.shard_size, source)
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['rows']} rows in {counts['shards']} shards, {counts['skipped']} skipped")
     print(f"{stats['processed']} shards written, {stats['done']} already complete")
     if stats["samples"]:
-        rate = stats["samples"] / elapsed
+        rate = stats["samples"] / stats["seconds"]
         print(f"throughput: {rate:.1f} samples/s ({rate / args.workers:.1f} per worker)")
     if token:
         url = hub.push_dataset(args.output_dir, args.hf_repo, token)

@@ -42,3 +42,43 @@ def report_errors(main: Callable) -> Callable:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def training_parser(description: str, defaults: dict | None = None, add_help: bool = True):
+    """The flags every training script shares (torchvision reference-script style).
+
+    ``defaults`` overrides per script (e.g. a larger --lr for a smaller model).
+    """
+    import argparse
+
+    from common.data import DEFAULT_DATA_DIR, DEMO_SAMPLES
+    from common.hub import DEFAULT_HF_REPO
+
+    parser = argparse.ArgumentParser(description=description, add_help=add_help)
+    data = parser.add_argument_group("data")
+    data.add_argument("--demo", action="store_true", help="train on the embedded synthetic dataset")
+    data.add_argument("--demo-samples", default=DEMO_SAMPLES, type=int, help="size of the --demo dataset")
+    data.add_argument("--demo-size", nargs=2, type=int, default=[400, 640], metavar=("H", "W"),
+                      help="frame size of the --demo dataset")
+    data.add_argument("--dataset", type=str, help="a local precompute.py output folder")
+    data.add_argument("--hf-repo", default=DEFAULT_HF_REPO, help="Hub dataset (used without --demo/--dataset)")
+    data.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="cache for Hub and demo data")
+    data.add_argument("--num-workers", default=2, type=int, help="DataLoader worker processes")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", default=10, type=int)
+    train.add_argument("--batch-size", default=8, type=int)
+    train.add_argument("--lr", default=3e-3, type=float, help="initial learning rate (cosine decay per epoch to 1%%)")
+    train.add_argument("--weight-decay", default=1e-4, type=float)
+    train.add_argument("--clip-grad", default=1.0, type=float, help="max gradient norm (0 disables)")
+    train.add_argument("--no-augment", action="store_true", help="disable train-split augmentation")
+    train.add_argument("--seed", default=0, type=int)
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    runtime.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.compile the model (default: on for CUDA, off otherwise)")
+    runtime.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                         help="mixed precision with GradScaler (default: on for CUDA; CUDA only)")
+    runtime.add_argument("--output-dir", default="./checkpoints", help="checkpoints, metrics, curves, ONNX")
+    runtime.add_argument("--resume", type=str, help="checkpoint to resume from (e.g. the last_*.pt file)")
+    parser.set_defaults(**(defaults or {}))
+    return parser

@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ import pyarrow
 from datasets import Dataset
 from tqdm import tqdm
 
+from common.cli import UserError
 from common.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from common.preprocess import SkipSample, letterbox, preprocessing_params, process_sample
 from common.raw_sources import RawSample, read_raw_sample
@@ -212,3 +214,28 @@ def write_manifest(out_dir, plans: list[ShardPlan], options: SampleOptions, sour
     card = dataset_card(sorted(manifest["splits"]), options.height, options.width, source)
     atomic_write_text(out_dir / "README.md", card)
     return manifest
+
+
+def check_not_all_skipped(manifest: dict, options: SampleOptions) -> None:
+    """UserError naming what was found when a split kept no sample at all."""
+    for split, counts in manifest["splits"].items():
+        if counts["rows"] == 0 and counts["skipped"] > 0:
+            reasons = summarize_skips([s for s in manifest["skipped"] if s["split"] == split])
+            raise UserError(
+                f"all {counts['skipped']} samples of split '{split}' were skipped: {reasons}. "
+                f"Frames must be {options.height}x{options.width} uint8 grayscale with labels in 0..3: "
+                "use --size H W to change the expected size, --letterbox to fit other sizes into it, "
+                "or --keep-empty to keep frames without a pupil."
+            )
+
+
+def build_dataset(samples: dict[str, list[RawSample]], out_dir, options: SampleOptions, workers: int,
+                  shard_size: int, source: str) -> tuple[dict, dict]:
+    """Plan, process (resuming), write the manifest and check the result: (manifest, stats)."""
+    plans = plan_shards(samples, shard_size)
+    start = time.perf_counter()
+    stats = run_shards(out_dir, plans, options, workers)
+    stats["seconds"] = time.perf_counter() - start
+    manifest = write_manifest(out_dir, plans, options, source)
+    check_not_all_skipped(manifest, options)
+    return manifest, stats

@@ -1,0 +1,229 @@
+"""Training data: where a dataset comes from, and how its rows become batches on the device.
+
+Sources (chosen by ``resolve_source``):
+    --demo             the embedded synthetic dataset, generated once through the real precompute
+                       pipeline into ``<data-dir>/demo-<n>-<seed>`` and reused afterwards;
+    --dataset PATH     a local precompute output (Hub layout: data/{split}-*.parquet);
+    --hf-repo REPO     a Hub dataset, downloaded once into ``<data-dir>/hub`` and then read from that
+                       cache, with no network, also under HF_HUB_OFFLINE=1.
+
+Rows are read in batches straight from Arrow (per-row access and ``with_format("numpy")`` are slow
+and upcast uint8), on DataLoader worker processes. Each batch is a dict of CPU tensors:
+    image (B, H, W) uint8, label (B, H, W) uint8, spatial_weights (B, H, W) float32,
+    dist_map (B, 2, H, W) float32, ellipse (B, 4) float32 (cx, cy, rx, ry)
+``to_device`` moves it (non_blocking from pinned memory) and turns the image into the model input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+
+from common.cli import UserError
+from common.preprocess import binarize_pupil, distance_maps, enhance_frame, spatial_weights
+from common.schema import DATA_DIR
+
+DEFAULT_DATA_DIR = "~/.cache/openeds"
+DEMO_SAMPLES = 300
+DEMO_SEED = 0
+ELLIPSE_COLUMNS = ("cx", "cy", "rx", "ry")
+TRAIN_SPLIT, VALID_SPLIT = "train", "validation"
+
+
+# ----------------------------------------------------------------------------- sources
+def ensure_demo_dataset(data_dir: Path, samples: int = DEMO_SAMPLES, seed: int = DEMO_SEED,
+                        size: tuple[int, int] = (400, 640)) -> Path:
+    """Generate + precompute the synthetic demo dataset once; later calls reuse it."""
+    from common.pipeline import SampleOptions, build_dataset
+    from common.raw_sources import find_split_dirs, list_raw_samples
+    from common.synthetic import generate_raw_dataset
+
+    root = data_dir / f"demo-{samples}-{seed}-{size[0]}x{size[1]}"
+    out = root / "precomputed"
+    if (out / "manifest.json").exists():
+        return out
+    print(f"building the synthetic demo dataset ({samples} samples) in {root}; this happens once")
+    splits = [TRAIN_SPLIT, VALID_SPLIT]
+    generate_raw_dataset(root / "raw", samples, seed=seed, splits=tuple(splits), fractions=(0.8, 0.2),
+                         height=size[0], width=size[1], progress=True)
+    dirs = find_split_dirs(root / "raw", splits)
+    raw = {split: list_raw_samples(path, split) for split, path in dirs.items()}
+    options = SampleOptions(height=size[0], width=size[1])
+    build_dataset(raw, out, options, workers=os.cpu_count() or 1, shard_size=100, source="synthetic demo")
+    return out
+
+
+def hub_snapshot(repo_id: str, data_dir: Path) -> Path:
+    """Local snapshot of a Hub dataset: downloaded on first use, then served from the cache.
+
+    With HF_HUB_OFFLINE=1 huggingface_hub answers from the cache without any request.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, repo_type="dataset", cache_dir=str(data_dir / "hub"),
+                                 allow_patterns=[f"{DATA_DIR}/*.parquet", "*.json", "README.md"])
+    except LocalEntryNotFoundError as exc:
+        raise UserError(
+            f"dataset {repo_id} is not in the cache {data_dir / 'hub'} and cannot be downloaded "
+            f"({exc.__class__.__name__}); connect once without HF_HUB_OFFLINE, or use --dataset/--demo"
+        ) from None
+    return Path(path)
+
+
+def resolve_source(args) -> Path:
+    """The local dataset folder that ``args`` asks for (building or downloading it if needed)."""
+    data_dir = Path(args.data_dir).expanduser()
+    if getattr(args, "demo", False):
+        return ensure_demo_dataset(data_dir, args.demo_samples, DEMO_SEED, tuple(args.demo_size))
+    if getattr(args, "dataset", None):
+        path = Path(args.dataset).expanduser()
+        if not any((path / DATA_DIR).glob("*.parquet")):
+            raise UserError(f"{path} holds no parquet shards under {DATA_DIR}/; run precompute.py first")
+        return path
+    return hub_snapshot(args.hf_repo, data_dir)
+
+
+def source_fingerprint(path: Path) -> str:
+    """Hash of a dataset folder's location and shard files (name, size, mtime).
+
+    `datasets` keys its Arrow cache of a local folder by the folder's name and relative file
+    patterns, so two different folders both called ``precomputed`` would share one cache entry.
+    Keying our cache directory by this fingerprint keeps every source (and every rewrite) apart.
+    """
+    digest = hashlib.sha1(str(path.resolve()).encode())
+    for shard in sorted((path / DATA_DIR).glob("*.parquet")):
+        stat = shard.stat()
+        digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_splits(path: Path, data_dir: Path) -> DatasetDict:
+    """Load train and validation splits of a dataset folder (Arrow cache under data_dir)."""
+    cache = data_dir / "datasets" / source_fingerprint(path)
+    dataset = load_dataset(str(path), cache_dir=str(cache))
+    missing = [s for s in (TRAIN_SPLIT, VALID_SPLIT) if s not in dataset]
+    if missing:
+        raise UserError(f"dataset {path} has no {' or '.join(missing)} split (found {sorted(dataset)})")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- batches
+def _column(table, name: str) -> np.ndarray:
+    """One column of an Arrow batch as a writable numpy array (torch refuses read-only memory)."""
+    return np.require(table.column(name).combine_chunks().to_numpy(zero_copy_only=False), requirements="W")
+
+
+class ArrowBatches(torch.utils.data.Dataset):
+    """Indexed by a list of row indices; returns that batch as a dict of CPU tensors.
+
+    A legacy dataset (no ``preprocessed`` column, or False) gets gamma + CLAHE here, and any
+    loss target it lacks is computed from its mask with the shared preprocessing functions.
+    """
+
+    def __init__(self, split):
+        self.split = split
+        self.columns = set(split.column_names)
+        self.preprocessed = "preprocessed" in self.columns and bool(split[0]["preprocessed"])
+        self.image_size = tuple(split.features["image"].shape)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        table = self.split.with_format("arrow")[list(indices)]
+        image, label = _column(table, "image"), _column(table, "label")
+        if not self.preprocessed:
+            image = np.stack([enhance_frame(frame) for frame in image])
+        if label.max(initial=0) > 1:  # legacy 4-class labels
+            label = binarize_pupil(label)
+        batch = {"image": torch.from_numpy(image), "label": torch.from_numpy(label)}
+        batch["spatial_weights"] = torch.from_numpy(self._target(table, "spatial_weights", label))
+        batch["dist_map"] = torch.from_numpy(self._target(table, "dist_map", label))
+        ellipse = np.stack([_column(table, c).astype(np.float32) for c in ELLIPSE_COLUMNS], axis=1)
+        batch["ellipse"] = torch.from_numpy(ellipse)
+        return batch
+
+    def _target(self, table, name: str, label: np.ndarray) -> np.ndarray:
+        if name in self.columns:
+            return _column(table, name)
+        compute = spatial_weights if name == "spatial_weights" else distance_maps
+        return np.stack([compute(mask) for mask in label])
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Yields lists of indices; the order depends only on (seed, epoch), so a resumed run replays it.
+
+    ``rank``/``world_size`` take every world_size-th batch, ready for DistributedDataParallel.
+    """
+
+    def __init__(self, length: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        self.length, self.batch_size, self.shuffle = length, batch_size, shuffle
+        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        batches = [order[i : i + self.batch_size] for i in range(0, self.length, self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size and len(batches) > 1:
+            batches.pop()
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+@dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    valid: torch.utils.data.DataLoader
+    image_size: tuple[int, int]
+
+
+def make_loader(split, batch_size: int, shuffle: bool, seed: int, num_workers: int, pin_memory: bool):
+    dataset = ArrowBatches(split)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def make_loaders(dataset: DatasetDict, args, pin_memory: bool) -> Loaders:
+    """Train/validation loaders; image sizes must be multiples of 16 (the models' stride)."""
+    train = make_loader(dataset[TRAIN_SPLIT], args.batch_size, True, args.seed, args.num_workers, pin_memory)
+    valid = make_loader(dataset[VALID_SPLIT], args.batch_size, False, args.seed, args.num_workers, pin_memory)
+    size = train.dataset.image_size
+    if size[0] % 16 or size[1] % 16:
+        raise UserError(f"frames are {size[0]}x{size[1]}; the models need multiples of 16 "
+                        "(re-run precompute.py with --size H W --letterbox)")
+    return Loaders(train, valid, size)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict:
+    """Move a CPU batch to ``device`` and build the model input (B, 1, H, W) float in [-1, 1]."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    image = moved["image"].unsqueeze(1).float().div_(127.5).sub_(1.0)  # same as normalize_frame
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    moved["image"] = image
+    moved["label"] = moved["label"].long()
+    return moved

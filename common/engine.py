@@ -1,0 +1,468 @@
+"""The one training engine: runtime options, the optimizer step, train/eval epochs and ``fit``.
+
+Every training script (local, Modal, Colab) calls ``fit(args, spec)``; nothing else calls
+``backward()``.
+
+Runtime (``setup_runtime``) is resolved once:
+    CUDA   channels_last, torch.compile(mode="max-autotune") (``--no-compile`` turns it off),
+           autocast fp16 + GradScaler (``--no-amp``), cudnn.benchmark, TF32 matmul/cuDNN,
+           pinned host memory with non_blocking copies;
+    CPU    the same code path without those parts; ``--compile`` is opt-in, AMP is off.
+
+Host syncs: metrics and loss sums accumulate on the device in preallocated tensors; the batch
+loop never calls ``.item()``. The one deliberate sync is at the end of each epoch, where one small
+transfer feeds the summary line, logging and the choice of the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.augment import augment_batch
+from common.cli import ConfigurationError
+from common.data import to_device
+
+
+# ----------------------------------------------------------------------------- runtime
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device; unavailable -> exit code 2."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigurationError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigurationError(
+                f"device '{name}' requested but CUDA is not available (torch {torch.__version__}); "
+                "use --device cpu or --device auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigurationError(
+                f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"device '{name}' requested but MPS is not available; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigurationError(f"unsupported device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp: bool
+    compile: bool
+    channels_last: bool
+    pin_memory: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """fp16 autocast on CUDA when AMP is on; a no-op context elsewhere."""
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16)
+
+    def describe(self) -> str:
+        return (f"device={self.device} amp={self.amp} compile={self.compile} "
+                f"channels_last={self.channels_last} pin_memory={self.pin_memory}")
+
+
+def setup_runtime(args) -> Runtime:
+    """Resolve device-dependent options once; CUDA-only features stay behind the device check."""
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.amp and not cuda:
+        print(f"warning: --amp needs CUDA (GradScaler + fp16); training in float32 on {device}")
+    amp = cuda if args.amp is None else (args.amp and cuda)
+    compile_model = cuda if args.compile is None else args.compile
+    return Runtime(device=device, amp=amp, compile=compile_model, channels_last=cuda, pin_memory=cuda)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG, as plain values a weights_only checkpoint can hold."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def prepare_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """Move to the device (channels_last on CUDA) and compile if asked; returns the model to call."""
+    memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
+    model.to(runtime.device, memory_format=memory_format)
+    if not runtime.compile:
+        return model
+    mode = "max-autotune" if runtime.device.type == "cuda" else None
+    return torch.compile(model, mode=mode)
+
+
+# ----------------------------------------------------------------------------- optimizer step
+class OptimizerStep:
+    """One optimizer step: scale -> backward -> unscale -> clip -> step -> update (cf. timm NativeScaler).
+
+    The forward pass runs under ``runtime.autocast()`` in the caller; on CPU the scaler is disabled
+    and every scaler call is a pass-through.
+    """
+
+    def __init__(self, runtime: Runtime, clip_grad: float | None = None):
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp)
+        self.clip_grad = clip_grad
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(parameters, self.clip_grad, foreach=True)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- epochs
+def augment_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Augmentation randomness depends only on (seed, epoch): a resumed run replays it exactly."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str) -> dict[str, float]:
+    """The epoch's one host sync: loss means and metrics as python floats."""
+    means = (loss_sums / max(batches, 1)).tolist()  # host sync (once per epoch, deliberate)
+    values = {f"{prefix}_{name}": value for name, value in zip(task.loss_terms, means)}
+    values.update({f"{prefix}_{name}": value for name, value in task.compute_metrics().items()})
+    if not math.isfinite(values[f"{prefix}_loss"]):
+        raise FloatingPointError(f"{prefix} loss is {values[f'{prefix}_loss']}; lower --lr or check the data")
+    return values
+
+
+def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runtime: Runtime,
+                    epoch: int, seed: int, augment: bool = True) -> dict[str, float]:
+    model.train()
+    task.metrics.reset()
+    loss_sums = torch.zeros(len(task.loss_terms), device=runtime.device)
+    generator = augment_generator(seed, epoch, runtime.device)
+    loader.sampler.set_epoch(epoch)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
+               disable=not runtime.is_main)
+    for batch in bar:
+        batch = to_device(batch, runtime.device, runtime.channels_last)
+        if augment:
+            batch = augment_batch(batch, generator)
+        with runtime.autocast():
+            outputs = model(batch["image"])
+        losses = task.loss(outputs, batch, epoch)
+        stepper(losses["loss"], optimizer, model.parameters())
+        loss_sums += torch.stack([losses[name].detach().float() for name in task.loss_terms])
+        task.update_metrics(outputs, batch)
+    return _finish_epoch(task, loss_sums, len(loader), "train")
+
+
+@torch.no_grad()
+def evaluate(model, loader, task, runtime: Runtime, epoch: int) -> dict[str, float]:
+    model.eval()
+    task.metrics.reset()
+    loss_sums = torch.zeros(len(task.loss_terms), device=runtime.device)
+    for batch in tqdm(loader, desc=f"epoch {epoch + 1} valid", leave=False, dynamic_ncols=True,
+                      disable=not runtime.is_main):
+        batch = to_device(batch, runtime.device, runtime.channels_last)
+        with runtime.autocast():
+            outputs = model(batch["image"])
+        losses = task.loss(outputs, batch, epoch)
+        loss_sums += torch.stack([losses[name].detach().float() for name in task.loss_terms])
+        task.update_metrics(outputs, batch)
+    return _finish_epoch(task, loss_sums, len(loader), "valid")
+
+
+# ----------------------------------------------------------------------------- fit
+@dataclass(frozen=True)
+class TrainSpec:
+    """What a training script trains and how it names its files."""
+
+    model_name: str           # registry name (common.models)
+    model_type: str           # MLflow tag model_type
+    architecture: str         # MLflow tag architecture
+    file_stem: str            # e.g. "efficientvit_tiny_model"
+    epoch_pattern: str        # per-epoch checkpoint name; fields: epoch (1-based), metric
+    epoch_checkpoint: str     # "on_improve" or "every_10"
+    experiment: str = "visionassist"
+
+    @property
+    def best_name(self) -> str:
+        return f"best_{self.file_stem}.pt"
+
+    @property
+    def last_name(self) -> str:
+        return f"last_{self.file_stem}.pt"
+
+    @property
+    def onnx_name(self) -> str:
+        return f"best_{self.file_stem}.onnx"
+
+    def epoch_name(self, epoch: int, metric: float) -> str:
+        return self.epoch_pattern.format(epoch=epoch, metric=metric)
+
+    def wants_epoch_checkpoint(self, epoch: int, epochs: int, improved: bool) -> bool:
+        if self.epoch_checkpoint == "every_10":
+            return epoch % 10 == 0 or epoch == epochs
+        return improved
+
+
+@dataclass
+class TrainState:
+    """Everything ``fit`` carries from epoch to epoch; saved in every checkpoint's extras."""
+
+    epoch: int = 0                   # epochs completed
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    history: list = None
+
+    def __post_init__(self):
+        self.history = self.history or []
+
+
+def build_training(args, spec: TrainSpec, runtime: Runtime, image_size):
+    """Model, task, optimizer, scheduler and step helper, seeded for reproducibility."""
+    from common.models import build_model
+    from common.tasks import TASKS
+
+    seed_everything(args.seed)
+    model = build_model(spec.model_name)
+    task = TASKS[model.task](args.epochs, image_size, runtime.device)
+    model.to(runtime.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: cosine_factor(epoch, args.epochs))
+    stepper = OptimizerStep(runtime, clip_grad=args.clip_grad)
+    return model, task, optimizer, scheduler, stepper
+
+
+def cosine_factor(epoch: int, epochs: int, floor: float = 0.01) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based): cosine from 1 down to ``floor``."""
+    progress = min(epoch / max(epochs - 1, 1), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resume_training(path, model, optimizer, scheduler, stepper) -> TrainState:
+    """Restore model/optimizer/scheduler/scaler, counters, history and RNG from a checkpoint."""
+    from common.checkpoint import load_checkpoint, restore_training_state
+
+    checkpoint = load_checkpoint(path)
+    epoch, best = restore_training_state(checkpoint, model, optimizer, scheduler, stepper)
+    extras = checkpoint.get("train_state", {})
+    if "rng" in checkpoint:
+        set_rng_state(checkpoint["rng"])
+    print(f"resumed from {path} after epoch {epoch} (best {best})")
+    return TrainState(epoch=epoch, best_metric=-math.inf if best is None else best,
+                      best_epoch=extras.get("best_epoch", 0), history=extras.get("history", []))
+
+
+def save_training_checkpoint(path, model, optimizer, scheduler, stepper, state: TrainState, args,
+                             image_size) -> None:
+    from common.checkpoint import save_checkpoint
+
+    train_state = {"best_epoch": state.best_epoch, "history": state.history}
+    save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=stepper,
+                    epoch=state.epoch, best_metric=state.best_metric, args=args, input_size=image_size,
+                    extra={"rng": rng_state(), "train_state": train_state})
+
+
+def summary_line(row: dict, best_metric: str, improved: bool) -> str:
+    """One line per epoch: losses, the task's headline metrics, lr and time."""
+    parts = [f"epoch {row['epoch']:>3}/{row['epochs']}",
+             f"train_loss {row['train_loss']:.4f}", f"valid_loss {row['valid_loss']:.4f}",
+             f"train_iou {row['train_iou']:.4f}", f"valid_iou {row['valid_iou']:.4f}"]
+    parts += [f"{k} {row[k]:.2f}" for k in ("valid_center_error_px", "valid_radius_error_px") if k in row]
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
+    if improved:
+        parts.append(f"* new best valid_{best_metric}")
+    return " | ".join(parts)
+
+
+def _epoch_row(epoch: int, args, train: dict, valid: dict, task, optimizer, seconds: float) -> dict:
+    row = {"epoch": epoch + 1, "epochs": args.epochs, **train, **valid,
+           "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+    row.update(task.epoch_extras(epoch))
+    # The loss terms under the names MLflow dashboards expect (ce_loss, dice_loss, ...).
+    row.update({f"{name}_loss": train[f"train_{name}"] for name in task.loss_terms if name != "loss"})
+    return row
+
+
+def _save_epoch_files(out_dir, spec: TrainSpec, model, optimizer, scheduler, stepper, state, args,
+                      image_size, row: dict, improved: bool) -> list:
+    """last (every epoch, for --resume), best and per-epoch checkpoints; returns new artifact paths."""
+    save = lambda path: save_training_checkpoint(  # noqa: E731
+        path, model, optimizer, scheduler, stepper, state, args, image_size)
+    save(out_dir / spec.last_name)
+    saved = []
+    if improved:
+        save(out_dir / spec.best_name)
+        saved.append(out_dir / spec.best_name)
+    if spec.wants_epoch_checkpoint(state.epoch, args.epochs, improved):
+        path = out_dir / spec.epoch_name(state.epoch, row["valid_iou"])
+        save(path)
+        saved.append(path)
+    return saved
+
+
+def _export_best(out_dir, spec: TrainSpec, image_size, runtime: Runtime):
+    """Export the best checkpoint to ONNX and check it against PyTorch; returns the path or None."""
+    from common.checkpoint import load_model
+    from common.export import export_onnx, verify_onnx
+
+    best = out_dir / spec.best_name
+    if not best.exists():
+        print("warning: no best checkpoint was saved (validation never produced a finite metric)")
+        return None
+    model = load_model(best, device="cpu")
+    path = export_onnx(model, out_dir / spec.onnx_name, input_size=tuple(image_size))
+    diff = verify_onnx(model, path, batch=1, input_size=tuple(image_size))
+    print(f"exported {path} ({path.stat().st_size / 1024:.0f} KB, max |onnx - torch| = {diff:.2e})")
+    return path
+
+
+@dataclass
+class Session:
+    """The objects one training run works with, built once by ``fit``."""
+
+    args: object
+    spec: TrainSpec
+    runtime: Runtime
+    out_dir: object
+    loaders: object
+    model: torch.nn.Module      # the plain module (checkpoints, export)
+    forward: torch.nn.Module    # what is called in the loop (compiled on CUDA)
+    task: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stepper: OptimizerStep
+    tracker: object
+
+
+def run_epoch(s: Session, state: TrainState, epoch: int) -> dict:
+    """Train + validate one epoch, step the schedule, save checkpoints, log; returns the row."""
+    import time
+
+    start = time.perf_counter()
+    train = train_one_epoch(s.forward, s.loaders.train, s.task, s.optimizer, s.stepper, s.runtime,
+                            epoch, s.args.seed, augment=not s.args.no_augment)
+    valid = evaluate(s.forward, s.loaders.valid, s.task, s.runtime, epoch)
+    row = _epoch_row(epoch, s.args, train, valid, s.task, s.optimizer, time.perf_counter() - start)
+    s.scheduler.step()
+    metric = row[f"valid_{s.task.best_metric}"]
+    improved = math.isfinite(metric) and metric > state.best_metric
+    state.epoch, state.history = epoch + 1, state.history + [row]
+    if improved:
+        state.best_metric, state.best_epoch = metric, epoch + 1
+    saved = _save_epoch_files(s.out_dir, s.spec, s.model, s.optimizer, s.scheduler, s.stepper, state,
+                              s.args, s.loaders.image_size, row, improved)
+    tqdm.write(summary_line(row, s.task.best_metric, improved))
+    if improved:
+        tqdm.write(f"  saved new best model {s.out_dir / s.spec.best_name} (valid_{s.task.best_metric} {metric:.4f})")
+    s.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "epochs")}, step=epoch + 1)
+    for path in saved:
+        s.tracker.log_artifact(path, artifact_path="checkpoints")
+    return row
+
+
+def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
+    """Resolve runtime and data, build (or resume) the model, start tracking."""
+    from pathlib import Path
+
+    from common.data import load_splits, make_loaders, resolve_source
+    from common.history import write_run_config
+    from common.models import count_parameters
+    from common.tracking import Tracker
+
+    runtime = setup_runtime(args)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = resolve_source(args)
+    loaders = make_loaders(load_splits(source, Path(args.data_dir).expanduser()), args, runtime.pin_memory)
+    model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
+    state = resume_training(args.resume, model, optimizer, scheduler, stepper) if args.resume else TrainState()
+    forward = prepare_model(model, runtime)
+    write_run_config(out_dir, args, runtime.describe())
+    tracker = Tracker.from_env(spec.experiment, run_name=f"{spec.file_stem}-{out_dir.name}")
+    tracker.start(params={**vars(args), "parameters": count_parameters(model), "dataset": str(source)},
+                  tags={"model_type": spec.model_type, "architecture": spec.architecture})
+    print(f"{spec.model_type}: {count_parameters(model):,} parameters | {runtime.describe()}")
+    print(f"data {source}: {len(loaders.train.dataset)} train / {len(loaders.valid.dataset)} valid "
+          f"frames of {loaders.image_size[0]}x{loaders.image_size[1]}")
+    session = Session(args, spec, runtime, out_dir, loaders, model, forward, task, optimizer, scheduler,
+                      stepper, tracker)
+    return session, state
+
+
+def fit(args, spec: TrainSpec) -> dict:
+    """Train ``spec``'s model as ``args`` says; returns the final summary (also printed)."""
+    from common.history import plot_curves, write_history
+
+    session, state = open_session(args, spec)
+    try:
+        for epoch in range(state.epoch, args.epochs):
+            run_epoch(session, state, epoch)
+            write_history(session.out_dir, state.history)
+        curves = plot_curves(session.out_dir, state.history) if state.history else None
+        onnx_path = _export_best(session.out_dir, spec, session.loaders.image_size, session.runtime)
+    except KeyboardInterrupt:
+        session.tracker.finish("KILLED")
+        raise
+    except BaseException:
+        session.tracker.finish("FAILED")
+        raise
+    for path in (curves, onnx_path, session.out_dir / "metrics.csv"):
+        if path is not None and path.exists():
+            session.tracker.log_artifact(path)
+    session.tracker.finish("FINISHED")
+    last = state.history[-1] if state.history else {}
+    summary = {"final_valid_iou": last.get("valid_iou"), "best_valid_metric": state.best_metric,
+               "best_epoch": state.best_epoch, "best_checkpoint": str(session.out_dir / spec.best_name),
+               "onnx": str(onnx_path) if onnx_path else None}
+    print(f"final validation pupil IoU: {summary['final_valid_iou']:.4f} "
+          f"(best {state.best_metric:.4f} at epoch {state.best_epoch})")
+    return summary

@@ -1,0 +1,70 @@
+"""What is optimized and measured for each kind of model; the engine is the same for both.
+
+A task turns model outputs and a device batch into loss terms (0-dim tensors, never synced) and
+accumulates its metrics on the device. ``summary`` names the scalar that picks the best model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.losses import alpha_schedule, ellipse_loss, segmentation_loss
+from common.metrics import EllipseMetrics, SegmentationMetrics
+
+
+class SegmentationTask:
+    """Logits (B, 2, H, W): CE + alpha * Dice + (1 - alpha) * surface; IoU from confusion counts."""
+
+    name = "segmentation"
+    loss_terms = ("loss", "ce", "dice", "surface")
+    best_metric = "iou_pupil"  # validation pupil IoU picks the best checkpoint
+
+    def __init__(self, epochs: int, image_size: tuple[int, int], device: torch.device):
+        self.epochs = epochs
+        self.metrics = SegmentationMetrics(num_classes=2, device=device)
+
+    def alpha(self, epoch: int) -> float:
+        return alpha_schedule(epoch, self.epochs)
+
+    def loss(self, outputs: torch.Tensor, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        return segmentation_loss(outputs, batch["label"], batch["spatial_weights"], batch["dist_map"],
+                                 self.alpha(epoch))
+
+    def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
+        self.metrics.update(outputs.detach(), batch["label"])
+
+    def compute_metrics(self) -> dict[str, float]:
+        values = self.metrics.compute()
+        return {"iou": values["iou_pupil"], "iou_pupil": values["iou_pupil"], "miou": values["miou"],
+                "iou_background": values["iou_background"]}
+
+    def epoch_extras(self, epoch: int) -> dict[str, float]:
+        return {"alpha": self.alpha(epoch)}
+
+
+class EllipseTask:
+    """(B, 4) ellipse in (0, 1): SmoothL1 on centre and radii; errors in px and drawn-ellipse IoU."""
+
+    name = "ellipse"
+    loss_terms = ("loss", "center", "radius")
+    best_metric = "iou"  # IoU of the drawn predicted ellipse with the pupil mask ("ellipse mIoU")
+
+    def __init__(self, epochs: int, image_size: tuple[int, int], device: torch.device):
+        self.metrics = EllipseMetrics(*image_size, device=device)
+
+    def loss(self, outputs: torch.Tensor, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        return ellipse_loss(outputs, batch["ellipse"])
+
+    def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
+        self.metrics.update(outputs.detach().float(), batch["ellipse"], batch["label"])
+
+    def compute_metrics(self) -> dict[str, float]:
+        values = self.metrics.compute()
+        return {"iou": values["ellipse_iou"], "center_error_px": values["center_error_px"],
+                "radius_error_px": values["radius_error_px"]}
+
+    def epoch_extras(self, epoch: int) -> dict[str, float]:
+        return {}
+
+
+TASKS = {"segmentation": SegmentationTask, "ellipse": EllipseTask}

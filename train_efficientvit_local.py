@@ -1,0 +1,38 @@
+"""Train TinyEfficientViTSeg (< 60k parameters) for pupil segmentation on this machine.
+
+Saves, in --output-dir: best_efficientvit_model.pt (best validation pupil IoU), a
+efficientvit_model_epoch_{n}_miou_{iou}.pt on every improvement, last_efficientvit_model.pt
+(for --resume), best_efficientvit_model.onnx, args.json, metrics.csv/json, training_curves.png.
+MLflow logging is on when MLFLOW_TRACKING_URI is set.
+
+Examples:
+    python train_efficientvit_local.py --demo                       # embedded synthetic data
+    python train_efficientvit_local.py --epochs 10 --device cuda     # Conner/sddec25-01 from the Hub
+    python train_efficientvit_local.py --dataset ./precompute_output --epochs 30
+    python train_efficientvit_local.py --demo --resume checkpoints/last_efficientvit_model.pt
+"""
+
+from common.cli import report_errors, training_parser
+from common.engine import TrainSpec, fit
+
+SPEC = TrainSpec(
+    model_name="efficientvit",
+    model_type="TinyEfficientViT",
+    architecture="EfficientViT-MSRA cascaded group attention, 3 stages, skip decoder",
+    file_stem="efficientvit_model",
+    epoch_pattern="efficientvit_model_epoch_{epoch}_miou_{metric:.4f}.pt",
+    epoch_checkpoint="on_improve",
+)
+
+
+def get_args_parser(add_help: bool = True):
+    return training_parser(__doc__.splitlines()[0], add_help=add_help)
+
+
+@report_errors
+def main(args):
+    return fit(args, SPEC)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

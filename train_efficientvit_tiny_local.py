@@ -1,0 +1,36 @@
+"""Train TinyEfficientViT-Micro (< 10k parameters) for pupil segmentation on this machine.
+
+Saves, in --output-dir: best_efficientvit_tiny_model.pt, efficientvit_tiny_model_epoch_{n}.pt on every
+improvement, last_efficientvit_tiny_model.pt (for --resume), best_efficientvit_tiny_model.onnx,
+args.json, metrics.csv/json, training_curves.png. File names never collide with
+train_efficientvit_local.py's, so both can share an output folder.
+
+Examples:
+    python train_efficientvit_tiny_local.py --demo
+    python train_efficientvit_tiny_local.py --epochs 20 --device cuda --batch-size 32
+"""
+
+from common.cli import report_errors, training_parser
+from common.engine import TrainSpec, fit
+
+SPEC = TrainSpec(
+    model_name="efficientvit_micro",
+    model_type="TinyEfficientViT-Micro",
+    architecture="EfficientViT-MSRA micro: embed (8,12,18), decoder 8, heads (1,1,1)",
+    file_stem="efficientvit_tiny_model",
+    epoch_pattern="efficientvit_tiny_model_epoch_{epoch}.pt",
+    epoch_checkpoint="on_improve",
+)
+
+
+def get_args_parser(add_help: bool = True):
+    return training_parser(__doc__.splitlines()[0], add_help=add_help)
+
+
+@report_errors
+def main(args):
+    return fit(args, SPEC)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

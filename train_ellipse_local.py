@@ -1,0 +1,36 @@
+"""Train EllipseRegressionNet, which regresses the pupil ellipse (cx, cy, rx, ry), on this machine.
+
+Saves, in --output-dir: best_ellipse_model.pt (best validation IoU of the drawn ellipse with the
+pupil mask), ellipse_model_epoch_{n}.pt every 10 epochs and at the final epoch,
+last_ellipse_model.pt (for --resume), best_ellipse_model.onnx, args.json, metrics.csv/json,
+training_curves.png.
+
+Examples:
+    python train_ellipse_local.py --demo
+    python train_ellipse_local.py --epochs 50 --device cuda --batch-size 64
+"""
+
+from common.cli import report_errors, training_parser
+from common.engine import TrainSpec, fit
+
+SPEC = TrainSpec(
+    model_name="ellipse",
+    model_type="EllipseRegression",
+    architecture="CNN encoder + global pool + sigmoid head (cx, cy, rx, ry)",
+    file_stem="ellipse_model",
+    epoch_pattern="ellipse_model_epoch_{epoch}.pt",
+    epoch_checkpoint="every_10",
+)
+
+
+def get_args_parser(add_help: bool = True):
+    return training_parser(__doc__.splitlines()[0], add_help=add_help)
+
+
+@report_errors
+def main(args):
+    return fit(args, SPEC)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
