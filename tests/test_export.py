@@ -11,21 +11,9 @@ from torch import nn
 
 from common.export import export_onnx, onnx_input_size, verify_onnx
 from common.models import MODEL_NAMES, build_model
+from tests.helpers import randomize
 
 SMALL = (96, 160)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random parameters and BN running statistics, so BN folding is actually exercised."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

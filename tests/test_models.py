@@ -7,24 +7,17 @@ import torch
 from torch import nn
 
 from common.models import (
-    MODEL_NAMES, build_model, build_model_from_config, count_parameters, fuse_model, model_config,
+    MODEL_NAMES,
+    build_model,
+    build_model_from_config,
+    count_parameters,
+    fuse_model,
+    model_config,
 )
 from common.models.efficientvit import CascadedGroupAttention, LocalWindowAttention, relative_offset_index
+from tests.helpers import randomize
 
 SEGMENTATION = ("efficientvit", "efficientvit_micro", "shallownet")
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN non-trivial statistics/affine values and every parameter random values."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return model.eval()
 
 
 @pytest.mark.parametrize("name, low, high", [
