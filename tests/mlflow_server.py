@@ -1,4 +1,20 @@
-"""A real MLflow tracking server on 127.0.0.1 for the tests (started and stopped by them)."""
+"""A real MLflow tracking server on 127.0.0.1 for the tests.
+
+``python -m mlflow server`` with a SQLite backend store and proxied artifact serving (the server's
+default ``--serve-artifacts``): clients upload artifacts over HTTP to ``mlflow-artifacts:/``, as they
+would against a deployed server.
+
+Use the shared, session-wide server through the fixture::
+
+    # importing under this name keeps linters from seeing the test's argument as a redefinition
+    from tests.mlflow_server import mlflow_server_fixture  # noqa: F401
+
+    def test_something(mlflow_server):
+        client = MlflowClient(mlflow_server.uri)
+
+A test that stops its server (to simulate the server going away) starts its own with
+``start_mlflow_server(tmp_path)`` and calls ``.stop()``; it must never stop the shared one.
+"""
 
 from __future__ import annotations
 
@@ -11,47 +27,103 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+READY_TIMEOUT_S = 120.0  # a start on a busy 2-core machine imports a lot (FastAPI, SQLAlchemy, ...)
+
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 class MlflowServer:
-    """``python -m mlflow server`` with a SQLite store and served artifacts in ``root``."""
+    """``python -m mlflow server`` with its SQLite store, artifacts and log in ``root``."""
 
     def __init__(self, root: Path):
         self.root, self.port = Path(root), free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = open(self.root / "server.log", "w")
+        self.log_path = self.root / "server.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)  # own group: stop() ends workers too
+            stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group, so stop() also ends the worker processes
 
-    def wait_ready(self, timeout: float = 120.0) -> "MlflowServer":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_text(self, limit: int = 4000) -> str:
+        """The tail of the server's combined stdout/stderr."""
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-limit:]
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:  # refused while starting, or a timeout: not ready yet
+            return False
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> MlflowServer:
+        """Poll ``GET /health`` until it answers 200; RuntimeError with the server's log if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.running:
+            if self._healthy():
+                return self
+            time.sleep(0.25)
+        state = f"exited with code {self.process.returncode}" if not self.running else "timed out"
         self.stop()
-        raise RuntimeError(f"MLflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+        raise RuntimeError(f"MLflow server at {self.uri} did not start ({state}); "
+                           f"its log:\n{self.log_text()}")
 
     def stop(self) -> None:
+        """Terminate the server (and its workers), then kill it if it lingers. Safe to call twice."""
+        if self.running:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=15)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+def start_mlflow_server(root: Path, timeout: float = READY_TIMEOUT_S) -> MlflowServer:
+    """Start a server in ``root`` and wait until it answers; the caller must ``stop()`` it."""
+    return MlflowServer(root).wait_ready(timeout)
+
+
+_shared: MlflowServer | None = None
+
+
+@pytest.fixture(scope="session", name="mlflow_server")
+def mlflow_server_fixture(tmp_path_factory) -> MlflowServer:
+    """One MLflow server for the whole session (starting one takes seconds).
+
+    Test modules that import this fixture each get their own fixture definition from pytest; the
+    module-level cache makes them all share one server process. A failed start fails the test with
+    the server's log: the test dependencies include MLflow, so a missing server is a real failure.
+    """
+    global _shared
+    if _shared is None or not _shared.running:
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=15)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.log.close()
+            _shared = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+    yield _shared
+    _shared.stop()  # at session end; a second definition's teardown finds it stopped already
+
+
+# Either name can be imported; tests request the fixture as `mlflow_server`.
+mlflow_server = mlflow_server_fixture
