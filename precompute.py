@@ -24,6 +24,7 @@ from pathlib import Path
 
 from common import hub, raw_sources
 from common.cli import UserError, report_errors
+from common.io import atomic_write_json
 from common.pipeline import SampleOptions, build_dataset, default_workers
 from common.schema import DATA_DIR
 from common.validation import FLOAT_TOLERANCE, validate_dataset
@@ -63,7 +64,7 @@ def prepare_raw(args) -> Path:
             print(f"generating {args.synthetic} synthetic samples in {args.raw_dir}")
             generate_raw_dataset(args.raw_dir, args.synthetic, seed=args.seed, splits=tuple(args.splits),
                                  height=args.size[0], width=args.size[1], progress=True)
-            marker.write_text(json.dumps(wanted))
+            atomic_write_json(marker, wanted)
         return args.raw_dir
     if args.skip_download:
         if not args.raw_dir.is_dir():

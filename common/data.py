@@ -26,7 +26,7 @@ import torch
 from datasets import DatasetDict, load_dataset
 
 from common.cli import UserError
-from common.preprocess import binarize_pupil, distance_maps, enhance_frame, spatial_weights
+from common.preprocess import INPUT_SCALE, binarize_pupil, distance_maps, enhance_frame, spatial_weights
 from common.schema import DATA_DIR
 
 DEFAULT_DATA_DIR = "~/.cache/openeds"
@@ -221,7 +221,7 @@ def make_loaders(dataset: DatasetDict, args, pin_memory: bool) -> Loaders:
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict:
     """Move a CPU batch to ``device`` and build the model input (B, 1, H, W) float in [-1, 1]."""
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    image = moved["image"].unsqueeze(1).float().div_(127.5).sub_(1.0)  # same as normalize_frame
+    image = moved["image"].unsqueeze(1).float().div_(INPUT_SCALE).sub_(1.0)  # as normalize_frame
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     moved["image"] = image

@@ -283,9 +283,12 @@ def process_sample(
 
 
 # ----------------------------------------------------------------------------- model input / size
+INPUT_SCALE = 127.5  # uint8 / INPUT_SCALE - 1 maps [0, 255] onto the model's [-1, 1]
+
+
 def normalize_frame(image: np.ndarray) -> np.ndarray:
     """uint8 frame (H, W) -> float32 (H, W) in [-1, 1], the model's input range."""
-    return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return image.astype(np.float32) / np.float32(INPUT_SCALE) - np.float32(1.0)
 
 
 @dataclass(frozen=True)
