@@ -1,8 +1,13 @@
-"""Preprocess OpenEDS once into parquet shards and publish them on the HuggingFace Hub.
+"""Preprocess OpenEDS (or your own labelled images) once into parquet shards and publish them on the Hub.
 
 Pipeline per sample (common/preprocess.py): binarize -> skip empty masks -> gamma 0.8 ->
 CLAHE 1.5/8x8 -> ellipse -> spatial weights -> distance maps. Runs on all cores, resumes where a
 previous run stopped, and writes a manifest of counts, skipped samples, parameters and versions.
+
+``--source folder`` imports a folder dataset instead (common/folder_source.py): DIR/images/ with
+DIR/masks/, or a CVAT "Segmentation mask 1.1" export. Frames are letterboxed into --size (padding
+recorded in the manifest), a stratified train/validation split is written to DIR/splits/ unless
+one is there, and the output has the same schema as OpenEDS.
 
 Examples:
     # the embedded synthetic dataset, kept local
@@ -13,6 +18,10 @@ Examples:
     python precompute.py --skip-download --raw-dir ./openeds_raw --splits validation --no-push
     # recompute a sample of rows from raw and compare them with the stored dataset
     python precompute.py --validate --skip-download --raw-dir ./openeds_raw
+    # your own frames labelled in CVAT, letterboxed to 240x320, kept local
+    python precompute.py --source folder --raw-dir my_eyes/ --size 240 320 --output-dir my_eyes_data --no-push
+    # class-index masks where the pupil is 3, at the frames' own size
+    python precompute.py --source folder --raw-dir labelled/ --pupil-class 3 --size native --no-push
 """
 
 from __future__ import annotations
@@ -22,8 +31,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import hub, raw_sources
-from common.cli import UserError, report_errors
+from common import folder_source, hub, raw_sources
+from common.cli import UserError, parse_frame_size, report_errors
 from common.io import atomic_write_json
 from common.pipeline import SampleOptions, build_dataset, default_workers
 from common.schema import DATA_DIR
@@ -39,22 +48,52 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="recompute sampled rows of --output-dir (or, if empty, --hf-repo) from raw and compare")
     parser.add_argument("--validate-samples", default=20, type=int, help="rows per split checked by --validate")
     parser.add_argument("--skip-download", action="store_true", help="use the raw data already in --raw-dir")
-    parser.add_argument("--raw-dir", default="./openeds_raw", type=Path, help="raw OpenEDS-layout data")
+    parser.add_argument("--source", choices=["openeds", "folder"], default="openeds",
+                        help="openeds: the OpenEDS layout (Kaggle); folder: images/ + masks/ or a CVAT export")
+    parser.add_argument("--raw-dir", default="./openeds_raw", type=Path,
+                        help="raw data: the OpenEDS layout, or the folder dataset of --source folder")
     parser.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic raw samples instead of downloading")
     parser.add_argument("--seed", default=0, type=int, help="seed of --synthetic and of --validate's sampling")
     parser.add_argument("--workers", default=default_workers(), type=int, help="processes (default: all cores)")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], help="splits to process")
     parser.add_argument("--shard-size", default=100, type=int, help="samples per parquet shard")
-    parser.add_argument("--size", nargs=2, type=int, default=[400, 640], metavar=("H", "W"),
-                        help="frame size of the output (multiples of 16 for training)")
+    parser.add_argument("--size", nargs="+", default=["400", "640"], metavar="H W | native",
+                        help="frame size of the output (multiples of 16 for training); 'native' keeps the "
+                             "frames' own size (--source folder)")
     parser.add_argument("--letterbox", action="store_true",
-                        help="fit frames of another size into --size (default: skip them)")
+                        help="fit OpenEDS frames of another size into --size (default: skip them); "
+                             "folder datasets are always letterboxed")
     parser.add_argument("--keep-empty", action="store_true", help="keep frames without pupil as negatives")
+    folder = parser.add_argument_group("--source folder")
+    folder.add_argument("--pupil-class", type=int, default=None, metavar="K",
+                        help="masks are class-index maps and K is the pupil (default: binary 0/255 or 0/1; "
+                             "OpenEDS: 3)")
+    folder.add_argument("--label", default="pupil", help="the pupil's label name in a CVAT labelmap.txt")
+    folder.add_argument("--val-ratio", default=0.10, type=float, help="validation share of a new split")
+    folder.add_argument("--min-val-pos", default=10, type=int,
+                        help="at least this many images with a pupil in a new validation split")
     return parser
+
+
+def check_args(args) -> None:
+    """Normalize args.size and refuse option combinations that cannot work."""
+    args.size = parse_frame_size(args.size)
+    if args.source == "folder":
+        unknown = sorted(set(args.splits) - set(folder_source.SPLIT_FILES))
+        if unknown:
+            raise UserError(f"a folder dataset has the splits train and validation, not {', '.join(unknown)}")
+        if args.synthetic is not None:
+            raise UserError("--synthetic generates OpenEDS-layout data; it does not go with --source folder")
+        if not 0 < args.val_ratio < 1:
+            raise UserError(f"--val-ratio must be between 0 and 1, got {args.val_ratio}")
+    elif args.size == "native":
+        raise UserError("--size native is for --source folder; OpenEDS frames are 400x640")
 
 
 def prepare_raw(args) -> Path:
     """Make sure raw data is in args.raw_dir: synthetic, already there, or downloaded."""
+    if args.source == "folder":
+        return args.raw_dir  # the user's own folder; discover_folder says what is wrong with it
     if args.synthetic is not None:
         from common.synthetic import generate_raw_dataset
 
@@ -73,14 +112,33 @@ def prepare_raw(args) -> Path:
     return raw_sources.download_openeds(args.raw_dir)
 
 
-def sample_options(args) -> SampleOptions:
-    return SampleOptions(height=args.size[0], width=args.size[1], letterbox=args.letterbox,
-                         keep_empty=args.keep_empty)
-
-
-def raw_samples(args) -> dict:
+def openeds_inputs(args) -> tuple[dict, SampleOptions]:
     dirs = raw_sources.find_split_dirs(args.raw_dir, args.splits)
-    return {split: raw_sources.list_raw_samples(path, split) for split, path in dirs.items()}
+    samples = {split: raw_sources.list_raw_samples(path, split) for split, path in dirs.items()}
+    options = SampleOptions(height=args.size[0], width=args.size[1], letterbox=args.letterbox,
+                            keep_empty=args.keep_empty,
+                            pupil_class=3 if args.pupil_class is None else args.pupil_class)
+    return samples, options
+
+
+def folder_inputs(args) -> tuple[dict, SampleOptions]:
+    dataset = folder_source.discover_folder(args.raw_dir, args.label, args.pupil_class)
+    positives = folder_source.find_positives(dataset)
+    splits = folder_source.make_or_load_splits(args.raw_dir, dataset.samples, positives, args.val_ratio,
+                                               args.min_val_pos, args.seed)
+    print(folder_source.describe_splits(dataset, splits, positives))
+    samples = {split: splits[split] for split in args.splits}
+    native = args.size == "native"
+    height, width = folder_source.native_frame_size(dataset.samples) if native else args.size
+    options = SampleOptions(height=height, width=width, letterbox=not native, pupil_class=1,
+                            keep_empty=args.keep_empty, mask_format=dataset.mask_format, native_size=native)
+    return samples, options
+
+
+def source_name(args) -> str:
+    if args.source == "folder":
+        return f"folder:{args.raw_dir.resolve().name}"
+    return "synthetic" if args.synthetic is not None else f"kaggle:{raw_sources.KAGGLE_DATASET}"
 
 
 def run_validation(args, samples) -> None:
@@ -89,6 +147,7 @@ def run_validation(args, samples) -> None:
         target = Path(tempfile.mkdtemp(prefix="validate-"))
         print(f"{args.output_dir} holds no shards; downloading {args.hf_repo} to validate it")
         hub.download_dataset(args.hf_repo, target, args.splits)
+    # the options come from the dataset's manifest: rows are recomputed the way they were made
     report = validate_dataset(target, samples, count=args.validate_samples, seed=args.seed)
     print(f"validated {target} against {args.raw_dir} (float tolerance {FLOAT_TOLERANCE:g})")
     print(report.render())
@@ -98,16 +157,16 @@ def run_validation(args, samples) -> None:
 
 @report_errors
 def main(args) -> None:
+    check_args(args)
     token = None if (args.no_push or args.validate) else hub.require_hf_token()
-    if args.synthetic is None and not args.skip_download:
+    if args.source == "openeds" and args.synthetic is None and not args.skip_download:
         raw_sources.require_kaggle_credentials()
     prepare_raw(args)
-    samples = raw_samples(args)
+    samples, options = (folder_inputs if args.source == "folder" else openeds_inputs)(args)
     if args.validate:
         return run_validation(args, samples)
-    source = "synthetic" if args.synthetic is not None else f"kaggle:{raw_sources.KAGGLE_DATASET}"
-    manifest, stats = build_dataset(samples, args.output_dir, sample_options(args), args.workers,
-                                    args.shard_size, source)
+    manifest, stats = build_dataset(samples, args.output_dir, options, args.workers, args.shard_size,
+                                    source_name(args))
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['rows']} rows in {counts['shards']} shards, {counts['skipped']} skipped")
     print(f"{stats['processed']} shards written, {stats['done']} already complete")

@@ -44,6 +44,19 @@ def report_errors(main: Callable) -> Callable:
     return wrapper
 
 
+def parse_frame_size(values: list[str]) -> tuple[int, int] | str:
+    """``--size`` values -> (H, W), or "native" to keep each frame's own size."""
+    if len(values) == 1 and values[0] == "native":
+        return "native"
+    try:
+        height, width = (int(v) for v in values)
+    except ValueError:
+        raise UserError(f"--size takes H W (two integers) or 'native', got {' '.join(values)}") from None
+    if height <= 0 or width <= 0:
+        raise UserError(f"--size must be positive, got {height} {width}")
+    return height, width
+
+
 def training_parser(description: str, defaults: dict | None = None, add_help: bool = True):
     """The flags every training script shares (torchvision reference-script style).
 

@@ -358,3 +358,20 @@ def load_folder_sample(sample: FolderSample, mask_format: MaskFormat, *,
         )
     image, mask, box = _fit_to_size(image, mask, size, sample.name)
     return image, mask, dataclasses.asdict(box)
+
+
+def native_frame_size(samples: list[FolderSample]) -> tuple[int, int]:
+    """(H, W) of the first sample's image: the output size of ``--size native``."""
+    for sample in samples:
+        try:
+            return _read_gray_image(sample.image_path).shape
+        except SkipSample:
+            continue  # a corrupt image is skipped later; the next one gives the size
+    raise FolderImportError("no readable image to take the native size from")
+
+
+def describe_splits(dataset: FolderDataset, splits: dict[str, list[FolderSample]], positives: set[str]) -> str:
+    """'N images (cvat layout): train 90 (81 with a pupil), validation 10 (9 with a pupil)'."""
+    parts = [f"{split} {len(items)} ({sum(s.name in positives for s in items)} with a pupil)"
+             for split, items in splits.items()]
+    return f"{len(dataset.samples)} images ({dataset.mask_format.kind} layout): " + ", ".join(parts)

@@ -9,6 +9,7 @@ rerun redoes only the shards that are not done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -27,6 +28,7 @@ from datasets import Dataset
 from tqdm import tqdm
 
 from common.cli import UserError
+from common.folder_source import FolderImportError, FolderSample, MaskFormat, load_folder_sample
 from common.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from common.preprocess import SkipSample, letterbox, preprocessing_params, process_sample
 from common.raw_sources import RawSample, read_raw_sample
@@ -42,9 +44,27 @@ class SampleOptions:
     letterbox: bool = False  # fit other sizes into (height, width) instead of skipping them
     pupil_class: int = 3
     keep_empty: bool = False
+    mask_format: MaskFormat | None = None  # folder datasets: how their mask files are read
+    native_size: bool = False  # folder datasets: frames keep their size, which must be height x width
 
     def record(self) -> dict:
-        return {**self.__dict__, "preprocessing": preprocessing_params()}
+        """JSON-ready (tuples become lists), so it compares equal to a record read back from disk."""
+        record = {**dataclasses.asdict(self), "preprocessing": preprocessing_params()}
+        return json.loads(json.dumps(record))
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SampleOptions":
+        """Inverse of ``record`` (the manifest's "options")."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in fields}
+        if values.get("mask_format"):
+            fmt = values["mask_format"]
+            values["mask_format"] = MaskFormat(
+                fmt["kind"], fmt["pupil_class"],
+                tuple(fmt["pupil_colour"]) if fmt["pupil_colour"] else None,
+                tuple(tuple(c) for c in fmt["colours"]),
+            )
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -52,14 +72,14 @@ class ShardPlan:
     split: str
     index: int
     count: int
-    samples: tuple[RawSample, ...]
+    samples: tuple[RawSample | FolderSample, ...]
 
     @property
     def name(self) -> str:
         return shard_name(self.split, self.index, self.count)
 
 
-def plan_shards(samples: dict[str, list[RawSample]], shard_size: int) -> list[ShardPlan]:
+def plan_shards(samples: dict[str, list[RawSample | FolderSample]], shard_size: int) -> list[ShardPlan]:
     """Cut each split's sorted samples into consecutive shards of at most ``shard_size``."""
     plans = []
     for split, items in samples.items():
@@ -80,41 +100,84 @@ def shard_is_done(out_dir: Path, plan: ShardPlan, options: SampleOptions) -> boo
     if not (parquet.exists() and record.exists()):
         return False
     saved = json.loads(record.read_text())
-    inputs = [s.name for s in plan.samples]
+    inputs = [input_key(s) for s in plan.samples]
     return saved.get("inputs") == inputs and saved.get("options") == options.record()
 
 
-def load_row(sample: RawSample, options: SampleOptions) -> dict:
-    """Read and preprocess one raw sample into a dataset row; SkipSample says why not."""
+def _file_stamp(path: str | None) -> list[int] | None:
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def input_key(sample: RawSample | FolderSample):
+    """What identifies a sample's inputs in a shard record.
+
+    OpenEDS files never change, so the name suffices. A user's folder dataset is relabelled in
+    place (a new CVAT export overwrites the masks), so its key includes each file's size and
+    modification time: a shard whose files changed is redone.
+    """
+    if isinstance(sample, FolderSample):
+        return [sample.name, _file_stamp(sample.image_path), _file_stamp(sample.mask_path)]
+    return sample.name
+
+
+def _read_openeds(sample: RawSample, options: SampleOptions):
     image, label = read_raw_sample(sample)
     if image.ndim == 3 and image.shape[2] in (3, 4):
         raise SkipSample(f"image has {image.shape[2]} channels (shape {image.shape}); expected grayscale")
     size = (options.height, options.width)
+    box = None
     if options.letterbox and image.ndim == 2 and image.shape != size and label.shape == image.shape:
-        image, _ = letterbox(image, *size)
+        image, geometry = letterbox(image, *size)
         label, _ = letterbox(label, *size, is_mask=True)
-    row = process_sample(image, label, size, options.pupil_class, options.keep_empty)
+        box = dataclasses.asdict(geometry)
+    return image, label, options.pupil_class, box
+
+
+def _read_folder(sample: FolderSample, options: SampleOptions):
+    size = "native" if options.native_size else (options.height, options.width)
+    image, pupil, box = load_folder_sample(sample, options.mask_format, size=size)
+    if image.shape != (options.height, options.width):
+        raise FolderImportError(
+            f"{sample.name} is {image.shape[0]}x{image.shape[1]}, but --size native needs every image at "
+            f"{options.height}x{options.width} (the size of the first one); give --size H W to letterbox them"
+        )
+    return image, pupil, 1, box  # load_folder_sample returns a 0/1 pupil mask
+
+
+def load_row(sample: RawSample | FolderSample, options: SampleOptions) -> tuple[dict, dict | None]:
+    """Read and preprocess one sample: (dataset row, letterbox geometry or None when not letterboxed).
+
+    SkipSample says why a sample has no row; FolderImportError stops the run (the dataset needs fixing).
+    """
+    reader = _read_folder if isinstance(sample, FolderSample) else _read_openeds
+    image, label, pupil_class, box = reader(sample, options)
+    row = process_sample(image, label, (options.height, options.width), pupil_class, options.keep_empty)
     row["filename"] = sample.name
-    return row
+    return row, box
 
 
 def _worker_init() -> None:
     cv2.setNumThreads(1)  # one OpenCV thread per worker process: the pool owns the cores
 
 
-def _process(job: tuple[RawSample, SampleOptions]):
+def _process(job: tuple[RawSample | FolderSample, SampleOptions]):
     sample, options = job
     try:
-        return sample, load_row(sample, options), None
+        row, box = load_row(sample, options)
+        return sample, row, box, None
     except SkipSample as exc:
-        return sample, None, str(exc)
+        return sample, None, None, str(exc)
 
 
-def _write_shard(out_dir: Path, plan: ShardPlan, rows: list[dict], skipped: list[dict], options) -> None:
+def _write_shard(out_dir: Path, plan: ShardPlan, rows: list[dict], skipped: list[dict], boxes: dict,
+                 options) -> None:
     features = dataset_features(options.height, options.width)
     columns = {name: [row[name] for row in rows] for name in features}
-    record = {"inputs": [s.name for s in plan.samples], "options": options.record(),
-              "rows": len(rows), "skipped": skipped}
+    record = {"inputs": [input_key(s) for s in plan.samples], "options": options.record(),
+              "rows": len(rows), "skipped": skipped, "letterbox": boxes}
     atomic_write_json(_record_path(out_dir, plan), record)
     with atomic_path(out_dir / DATA_DIR / plan.name) as tmp:
         Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
@@ -144,29 +207,33 @@ def run_shards(out_dir, plans: list[ShardPlan], options: SampleOptions, workers:
         total=total, desc="preprocess", unit="sample", dynamic_ncols=True
     ) as bar:
         for plan in todo:
-            rows, skipped = [], []
+            rows, skipped, boxes = [], [], {}
             jobs = [(s, options) for s in plan.samples]
-            for sample, row, reason in pool.imap(_process, jobs, chunksize=4):
+            for sample, row, box, reason in pool.imap(_process, jobs, chunksize=4):
                 if row is None:
                     skipped.append({"split": sample.split, "file": sample.name, "reason": reason})
                 else:
                     rows.append(row)
+                    if box is not None:
+                        boxes[sample.name] = box
                 bar.update(1)
-            _write_shard(out_dir, plan, rows, skipped, options)
+            _write_shard(out_dir, plan, rows, skipped, boxes, options)
     return {"done": len(plans) - len(todo), "processed": len(todo), "samples": total}
 
 
 def collect_records(out_dir, plans: list[ShardPlan]) -> dict:
-    """Per-split row counts and every skipped sample, from the shard records of ``plans``."""
+    """Per-split row counts, every skipped sample and letterbox geometries, from the records of ``plans``."""
     splits: dict[str, dict] = {}
     skipped: list[dict] = []
+    boxes: dict[str, dict] = {}
     for plan in plans:
         record = json.loads(_record_path(Path(out_dir), plan).read_text())
         entry = splits.setdefault(plan.split, {"rows": 0, "skipped": 0, "shards": plan.count})
         entry["rows"] += record["rows"]
         entry["skipped"] += len(record["skipped"])
         skipped.extend(record["skipped"])
-    return {"splits": splits, "skipped": skipped}
+        boxes.setdefault(plan.split, {}).update(record.get("letterbox", {}))
+    return {"splits": splits, "skipped": skipped, "letterbox": boxes}
 
 
 def summarize_skips(skipped: list[dict], limit: int = 3) -> str:
@@ -177,8 +244,6 @@ def summarize_skips(skipped: list[dict], limit: int = 3) -> str:
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 
 
 def package_versions() -> dict:
@@ -201,6 +266,9 @@ def write_manifest(out_dir, plans: list[ShardPlan], options: SampleOptions, sour
     kept = {k: v for k, v in manifest["splits"].items() if k not in redone}
     manifest["splits"] = {**kept, **current["splits"]}
     manifest["skipped"] = [s for s in manifest["skipped"] if s["split"] not in redone] + current["skipped"]
+    # per split, {filename: Letterbox fields}: maps a row's pixels back to its original frame
+    boxes = {k: v for k, v in manifest.get("letterbox", {}).items() if k not in redone}
+    manifest["letterbox"] = {**boxes, **{k: v for k, v in current["letterbox"].items() if v}}
     features = dataset_features(options.height, options.width)
     manifest.update(
         source=source,
@@ -218,18 +286,19 @@ def write_manifest(out_dir, plans: list[ShardPlan], options: SampleOptions, sour
 
 def check_not_all_skipped(manifest: dict, options: SampleOptions) -> None:
     """UserError naming what was found when a split kept no sample at all."""
+    if options.mask_format is not None:
+        hint = "Use --keep-empty to keep images without a pupil as negatives."
+    else:
+        hint = (f"Frames must be {options.height}x{options.width} uint8 grayscale with labels in 0..3: "
+                "use --size H W to change the expected size, --letterbox to fit other sizes into it, "
+                "or --keep-empty to keep frames without a pupil.")
     for split, counts in manifest["splits"].items():
         if counts["rows"] == 0 and counts["skipped"] > 0:
             reasons = summarize_skips([s for s in manifest["skipped"] if s["split"] == split])
-            raise UserError(
-                f"all {counts['skipped']} samples of split '{split}' were skipped: {reasons}. "
-                f"Frames must be {options.height}x{options.width} uint8 grayscale with labels in 0..3: "
-                "use --size H W to change the expected size, --letterbox to fit other sizes into it, "
-                "or --keep-empty to keep frames without a pupil."
-            )
+            raise UserError(f"all {counts['skipped']} samples of split '{split}' were skipped: {reasons}. {hint}")
 
 
-def build_dataset(samples: dict[str, list[RawSample]], out_dir, options: SampleOptions, workers: int,
+def build_dataset(samples: dict[str, list[RawSample | FolderSample]], out_dir, options: SampleOptions, workers: int,
                   shard_size: int, source: str) -> tuple[dict, dict]:
     """Plan, process (resuming), write the manifest and check the result: (manifest, stats)."""
     plans = plan_shards(samples, shard_size)

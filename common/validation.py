@@ -116,7 +116,7 @@ def validate_split(files, raw: dict[str, RawSample], options, count, rng, report
             report.row_errors.append(f"{filename}: no raw sample with this name")
             continue
         try:
-            fresh = load_row(raw[filename], options)
+            fresh, _ = load_row(raw[filename], options)
         except SkipSample as exc:
             report.row_errors.append(f"{filename}: raw sample is now skipped ({exc})")
             continue
@@ -131,7 +131,7 @@ def validate_dataset(root, raw_by_split: dict[str, list[RawSample]], count: int 
     manifest_path = root / MANIFEST_NAME
     if options is None and manifest_path.exists():
         saved = json.loads(manifest_path.read_text()).get("options", {})
-        options = SampleOptions(**{k: v for k, v in saved.items() if k != "preprocessing"})
+        options = SampleOptions.from_record(saved)
     options = options or SampleOptions()
     for split, samples in raw_by_split.items():
         files = sorted((root / DATA_DIR).glob(f"{split}-*.parquet"))
