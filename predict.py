@@ -4,6 +4,8 @@ Examples:
     python predict.py --model best_efficientvit_model.pt --input frame.png --output-dir predictions/
     python predict.py --model model.onnx --input frames/ --output-dir predictions/ --expected-model efficientvit
     python predict.py --model best_efficientvit_model.pt --input eye.mp4 --every 5 --output-dir predictions/
+    # the same crop as collect_frames.py --roi, for a model trained on those frames
+    python predict.py --model best_efficientvit_model.pt --input eye.mp4 --roi 100 40 640 400
 
 Writes, under --output-dir:
     masks/<name>.png     pupil mask, 0 / 255, at the input frame's size
@@ -11,6 +13,9 @@ Writes, under --output-dir:
     ellipses.csv         one row per frame: pixel and normalized ellipse, ``found`` 0/1
 
 <name> is the image's file stem, or <video stem>_<frame index, 6 digits> for video frames.
+With --roi X Y W H every frame is first cropped to that rectangle (as collect_frames.py does):
+masks and overlays show the crop, the ``*_px`` columns of ellipses.csv are in full-frame pixels,
+and the normalized columns are relative to the crop.
 Images must be single-channel 8-bit unless --grayscale is given; video frames are decoded by
 OpenCV as BGR and always converted to grayscale.
 """
@@ -28,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.cli import report_errors
+from common.frames import prepare_frame
 from common.inference import InputError, PupilPredictor, overlay, read_frame
 from common.io import atomic_path, atomic_write_text
 from common.models import MODEL_NAMES
@@ -51,6 +57,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--every", type=int, default=1, help="videos: predict every N-th frame")
     parser.add_argument("--grayscale", action="store_true", help="convert colour images to gray")
     parser.add_argument("--no-overlay", action="store_true", help="do not write overlays/")
+    parser.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"), default=None,
+                        help="crop every frame to this rectangle of the full frame first")
     return parser
 
 
@@ -105,13 +113,14 @@ def write_png(path: Path, image) -> None:
             raise OSError(f"cannot write {path}")
 
 
-def csv_row(source: Path, frame_index: int, prediction) -> dict:
+def csv_row(source: Path, frame_index: int, prediction, offset: tuple[int, int] = (0, 0)) -> dict:
+    """One ellipses.csv row; ``offset`` (x, y) of the ROI moves the pixel centre to full-frame pixels."""
     row = dict.fromkeys(CSV_COLUMNS, "")
     row.update(source=str(source), frame=frame_index, found=int(prediction.ellipse is not None))
     if prediction.ellipse is not None:
         (x, y), (a, b), angle = prediction.ellipse_pixels()
         e = prediction.ellipse
-        values = dict(cx_px=x, cy_px=y, semi_axis_1_px=a, semi_axis_2_px=b, angle_deg=angle,
+        values = dict(cx_px=x + offset[0], cy_px=y + offset[1], semi_axis_1_px=a, semi_axis_2_px=b, angle_deg=angle,
                       cx=e.cx, cy=e.cy, rx=e.rx, ry=e.ry)
         row.update({key: f"{value:.6f}" for key, value in values.items()})
     return row
@@ -137,12 +146,14 @@ def main(args: argparse.Namespace) -> Path:
     # disable=None: a progress bar on a terminal, none in logs and pipes.
     progress = tqdm(iter_frames(files, args.every, args.grayscale), desc="predict", unit="frame",
                     disable=None)
+    offset = (args.roi[0], args.roi[1]) if args.roi else (0, 0)
     for source, index, name, frame in progress:
+        frame = prepare_frame(frame, args.roi, grayscale=False)  # (h, w): the ROI, or the whole frame
         prediction = predictor.predict(frame)
         write_png(out / "masks" / f"{name}.png", prediction.mask * 255)
         if not args.no_overlay:
             write_png(out / "overlays" / f"{name}.png", overlay(frame, prediction))
-        rows.append(csv_row(source, index, prediction))
+        rows.append(csv_row(source, index, prediction, offset))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

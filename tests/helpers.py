@@ -15,3 +15,19 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.2)
                 module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
     return model.eval()
+
+
+def load_output(path, data_files=None):
+    """A precompute output (or parquet files) loaded with its own Arrow cache.
+
+    ``datasets``' default cache can hand back another folder's rows: two outputs in folders of the
+    same name (``.../out``) written by one test run have collided there.
+    """
+    import tempfile
+
+    from datasets import load_dataset
+
+    cache = tempfile.mkdtemp(prefix="hf-cache-")
+    if data_files is not None:
+        return load_dataset("parquet", data_files=data_files, cache_dir=cache)
+    return load_dataset(str(path), cache_dir=cache)

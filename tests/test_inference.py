@@ -222,6 +222,32 @@ def test_video_every_second_frame(trained, tmp_path):
         check_against_truth(row, out / "masks" / f"{name}.png", truths[int(row["frame"])], MODEL_SIZE)
 
 
+def test_video_with_roi_reports_full_frame_pixels(trained, tmp_path):
+    rng = np.random.default_rng(8)
+    x, y = 30, 20  # the ROI's corner; the eye fills the ROI, the rest of the frame is flat
+    path = tmp_path / "wide.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (MODEL_SIZE[1] + 60, MODEL_SIZE[0] + 44))
+    truths = []
+    for _ in range(3):
+        eye, truth = eye_frame(rng, *MODEL_SIZE)
+        canvas = np.full((MODEL_SIZE[0] + 44, MODEL_SIZE[1] + 60), 200, np.uint8)
+        canvas[y:y + MODEL_SIZE[0], x:x + MODEL_SIZE[1]] = eye
+        writer.write(cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGR))
+        truths.append(truth)
+    writer.release()
+    roi = (x, y, MODEL_SIZE[1], MODEL_SIZE[0])
+    out = tmp_path / "out"
+    result = run_predict("--model", trained["pt"], "--input", path, "--output-dir", out, "--roi", *roi)
+    assert result.returncode == 0, result.stderr
+    for row in read_csv(out / "ellipses.csv"):
+        in_crop = {**row, "cx_px": str(float(row["cx_px"]) - x), "cy_px": str(float(row["cy_px"]) - y)}
+        name = f"wide_{int(row['frame']):06d}"
+        check_against_truth(in_crop, out / "masks" / f"{name}.png", truths[int(row["frame"])], MODEL_SIZE)
+    outside = run_predict("--model", trained["pt"], "--input", path, "--output-dir", out, "--roi", 100, 0, 200, 50)
+    assert outside.returncode != 0 and "Traceback" not in outside.stderr
+    assert "lies outside the 220x140" in outside.stderr
+
+
 def test_unreadable_image_exits_2_without_traceback(trained, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")

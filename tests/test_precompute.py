@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from datasets import load_dataset
 
 import precompute
 from common import hub, preprocess
 from common.schema import dataset_features
+from tests.helpers import load_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def synthetic40(tmp_path_factory):
 
 def test_synthetic_end_to_end_schema_and_values(synthetic40):
     raw, out, result = synthetic40
-    dataset = load_dataset(str(out))
+    dataset = load_output(out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(dataset) == {"train", "validation"}
     for split, ds in dataset.items():
@@ -90,7 +90,7 @@ def test_adding_a_split_leaves_existing_shards_alone(synthetic40, tmp_path):
     assert any(name.startswith("validation-") for name in after)
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["splits"]) == {"train", "validation"}
-    assert set(load_dataset(str(out))) == {"train", "validation"}
+    assert set(load_output(out)) == {"train", "validation"}
 
 
 def test_validate_passes_then_fails_on_tampered_shard(synthetic40, tmp_path):
@@ -137,7 +137,7 @@ def test_resume_after_kill_minus_9(synthetic40, tmp_path):
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     for shard in done_before:  # every shard a loader would pick up is complete and readable
         assert pq.read_table(out / "data" / shard).num_rows > 0
-    partial = load_dataset("parquet", data_files=str(out / "data" / "train-*.parquet"))["train"]
+    partial = load_output(None, data_files=str(out / "data" / "train-*.parquet"))["train"]
     assert partial.num_rows == sum(pq.read_metadata(out / "data" / s).num_rows for s in done_before)
     result = subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -146,7 +146,7 @@ def test_resume_after_kill_minus_9(synthetic40, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     reference = json.loads((synthetic40[1] / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == reference["splits"]["train"]["rows"]
-    assert load_dataset(str(out))["train"].num_rows == reference["splits"]["train"]["rows"]
+    assert load_output(out)["train"].num_rows == reference["splits"]["train"]["rows"]
 
 
 def _write_sample(root, split, name, image, label):
@@ -301,4 +301,4 @@ def test_kaggle_download_finds_nested_splits(tmp_path, monkeypatch):
         ["--no-push", "--raw-dir", str(tmp_path / "raw"), "--output-dir", str(out)])
     precompute.main(args)
     assert calls == [("soumicksarker/openeds-dataset", True)] * 2
-    assert set(load_dataset(str(out))) == {"train", "validation"}
+    assert set(load_output(out)) == {"train", "validation"}

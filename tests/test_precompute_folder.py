@@ -13,10 +13,10 @@ import pytest
 
 import precompute
 from common import hub
-from common.data import load_splits
 from common.preprocess import Ellipse, Letterbox, fit_ellipse, unletterbox_ellipse
 from common.schema import dataset_features
 from common.synthetic import render_sample
+from tests.helpers import load_output
 from tests.test_precompute import RecordingHfApi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,11 +75,6 @@ def write_cvat(root, frames):
         rgb[label == 3] = PUPIL_RGB
         cv2.imwrite(str(root / "SegmentationClass" / f"{stem}.png"), rgb[:, :, ::-1].copy())  # stored BGR
     return root
-
-
-def load_output(out):
-    """The output as training loads it (its own Arrow cache: the default one is shared between tests)."""
-    return load_splits(Path(out), Path(out).parent / "cache")
 
 
 def split_stems(root, split_file):
