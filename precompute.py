@@ -98,7 +98,7 @@ def prepare_raw(args) -> Path:
         from common.synthetic import generate_raw_dataset
 
         marker = args.raw_dir / "synthetic.json"
-        wanted = {"n": args.synthetic, "seed": args.seed, "splits": args.splits, "size": args.size}
+        wanted = {"n": args.synthetic, "seed": args.seed, "splits": args.splits, "size": list(args.size)}
         if not marker.exists() or json.loads(marker.read_text()) != wanted:
             print(f"generating {args.synthetic} synthetic samples in {args.raw_dir}")
             generate_raw_dataset(args.raw_dir, args.synthetic, seed=args.seed, splits=tuple(args.splits),

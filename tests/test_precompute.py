@@ -74,6 +74,7 @@ def test_rerun_skips_complete_shards(synthetic40, tmp_path):
     result = run_cli("--synthetic", 40, "--no-push", "--raw-dir", raw, "--output-dir", copy, "--shard-size", 8)
     assert result.returncode == 0, result.stderr
     assert "0 shards written" in result.stdout
+    assert "generating" not in result.stdout  # the raw data of the same --synthetic run is reused
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (copy / "data").iterdir()}
 
 
