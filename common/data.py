@@ -27,7 +27,7 @@ from datasets import DatasetDict, load_dataset
 
 from common.cli import UserError
 from common.preprocess import INPUT_SCALE, binarize_pupil, distance_maps, enhance_frame, spatial_weights
-from common.schema import DATA_DIR
+from common.schema import DATA_DIR, SIZE_MULTIPLE
 
 DEFAULT_DATA_DIR = "~/.cache/openeds"
 DEMO_SAMPLES = 300
@@ -208,12 +208,12 @@ def make_loader(split, batch_size: int, shuffle: bool, seed: int, num_workers: i
 
 
 def make_loaders(dataset: DatasetDict, args, pin_memory: bool) -> Loaders:
-    """Train/validation loaders; image sizes must be multiples of 16 (the models' stride)."""
+    """Train/validation loaders; image sizes must be multiples of SIZE_MULTIPLE (the models' stride)."""
     train = make_loader(dataset[TRAIN_SPLIT], args.batch_size, True, args.seed, args.num_workers, pin_memory)
     valid = make_loader(dataset[VALID_SPLIT], args.batch_size, False, args.seed, args.num_workers, pin_memory)
     size = train.dataset.image_size
-    if size[0] % 16 or size[1] % 16:
-        raise UserError(f"frames are {size[0]}x{size[1]}; the models need multiples of 16 "
+    if size[0] % SIZE_MULTIPLE or size[1] % SIZE_MULTIPLE:
+        raise UserError(f"frames are {size[0]}x{size[1]}; the models need multiples of {SIZE_MULTIPLE} "
                         "(re-run precompute.py with --size H W --letterbox)")
     return Loaders(train, valid, size)
 

@@ -45,10 +45,10 @@ import numpy as np
 from common.cli import UserError
 from common.io import atomic_write_text
 from common.preprocess import Letterbox, SkipSample, letterbox
+from common.schema import SIZE_MULTIPLE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_FILES = {"train": "train.txt", "validation": "val.txt"}
-SIZE_MULTIPLE = 16  # segmentation models need H and W divisible by 16
 
 
 class FolderImportError(UserError):

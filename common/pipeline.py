@@ -139,7 +139,7 @@ def _read_openeds(sample: RawSample, options: SampleOptions):
 def _read_folder(sample: FolderSample, options: SampleOptions):
     size = "native" if options.native_size else (options.height, options.width)
     image, pupil, box = load_folder_sample(sample, options.mask_format, size=size)
-    if image.shape != (options.height, options.width):
+    if options.native_size and image.shape != (options.height, options.width):
         raise FolderImportError(
             f"{sample.name} is {image.shape[0]}x{image.shape[1]}, but --size native needs every image at "
             f"{options.height}x{options.width} (the size of the first one); give --size H W to letterbox them"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datasets import Array2D, Array3D, Features, Value
 
 DEFAULT_SIZE = (400, 640)  # (H, W) of OpenEDS frames
+SIZE_MULTIPLE = 16  # trainable frames have H and W divisible by this: the segmentation models' stride
 DATA_DIR = "data"
 STATE_DIR = ".shards"
 MANIFEST_NAME = "manifest.json"
