@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -281,7 +281,8 @@ def load_split_files(split_dir: Path, samples: list[FolderSample]) -> dict[str, 
         raise FolderImportError(f"{len(both)} stem(s) are in both train.txt and val.txt: {', '.join(both[:5])}")
     unlisted = len(samples) - len(stems["train"]) - len(stems["validation"])
     if unlisted:
-        warnings.warn(f"{unlisted} image(s) are in neither {split_dir}/train.txt nor val.txt; left out")
+        print(f"warning: {unlisted} image(s) are in neither {split_dir}/train.txt nor val.txt and are left out; "
+              "add them to a split file, or delete both files to make a new split", file=sys.stderr)
     return stems
 
 

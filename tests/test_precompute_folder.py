@@ -188,6 +188,7 @@ def test_cvat_export_with_labelmap_and_existing_split_files(tmp_path):
     assert dataset["train"].num_rows == 7
     row = dataset["train"][0]
     assert 0 < np.asarray(row["label"]).sum() and "cvat layout" in result.stdout
+    assert "warning: 1 image(s) are in neither" in result.stderr  # frame_009
 
 
 def test_class_index_masks_at_native_size(tmp_path):
