@@ -2,7 +2,9 @@
 
 Everything that turns a raw OpenEDS-style frame and label into training targets lives here:
 precompute, training on raw/legacy data, inference and the notebooks all call these functions.
-All functions are pure numpy/OpenCV and work on one frame at a time.
+All functions are pure numpy/OpenCV/scipy and work on one frame at a time. They reproduce the
+original precompute that wrote the published dataset ``Conner/sddec25-01``
+(``tests/fixtures/original_precompute_goldens.npz`` holds that code's outputs).
 
 Pipeline order (``process_sample``):
     binarize -> skip empty masks -> gamma -> CLAHE -> ellipse -> spatial weights -> distance maps
@@ -10,9 +12,14 @@ Pipeline order (``process_sample``):
 Conventions
     * frames are grayscale uint8 of shape (H, W); OpenEDS is (400, 640);
     * labels: 0 background, 1 sclera, 2 iris, 3 pupil; the pupil mask is ``label == 3``;
-    * ellipse: cx = x / W, cy = y / H, rx = semi-axis 1 / W, ry = semi-axis 2 / H, angle in
-      degrees in ``cv2.fitEllipse``'s convention (rotation of semi-axis 1), written in the
-      canonical form with angle in [-45, 45) (see ``ellipse_from_pixels``).
+    * gamma: LUT ``floor(255 * (v / 255) ** 0.8)`` (truncation), then CLAHE 1.5 / 8x8;
+    * ellipse: cx = x / W, cy = y / H, rx = semi-axis 1 / R, ry = semi-axis 2 / R with
+      R = sqrt(W^2 + H^2) / 2 (377.36 at 400x640) and the semi-axes in ``cv2.fitEllipse``'s own
+      order; ``angle`` is fitEllipse's angle (degrees) for that order, 0 for the circle fallback.
+      ``pixels_to_normalized`` / ``normalized_to_pixels`` are the only conversions;
+    * spatial weights: Gaussian (sigma 5) of the 1-iteration morphological gradient (3x3 cross);
+    * distance maps: per class (0 background, 1 pupil) EDT(outside) - EDT(inside) divided by the
+      image diagonal, so class pixels on the boundary are -1 / diagonal; an absent class is zeros.
 """
 
 from __future__ import annotations
@@ -22,20 +29,26 @@ from dataclasses import astuple, dataclass
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 GAMMA = 0.8
 CLAHE_CLIP_LIMIT = 1.5
 CLAHE_TILE_GRID = (8, 8)
 PUPIL_CLASS = 3
 NUM_OPENEDS_CLASSES = 4
-# Spatial weights: morphological gradient (dilation - erosion) of the pupil mask with a 5x5
-# elliptical kernel, i.e. a band about 4 px wide straddling the pupil edge. Pixels in the band get
-# BOUNDARY_WEIGHT_SCALE, all others 0; the loss weights each pixel by (1 + weight).
-BOUNDARY_KERNEL_SIZE = 5
-BOUNDARY_WEIGHT_SCALE = 1.0
-# A fitted ellipse may cover at most this multiple of the visible contour area. A pupil half hidden
-# by an eyelid fits at about 2x; a thin sliver at the border would extrapolate wildly.
-MAX_FIT_TO_CONTOUR_AREA = 4.0
+# Spatial weights: scipy.ndimage.gaussian_filter(sigma=5, truncate=4) of the boundary band.
+BOUNDARY_SIGMA = 5.0
+BOUNDARY_TRUNCATE = 4.0
+# cv2.fitEllipse is trusted only for contours with at least MIN_FIT_POINTS points and MIN_FIT_AREA
+# area, x and y spreads of at least MIN_FIT_SPREAD px at most MAX_FIT_SPREAD_RATIO apart, and a
+# point covariance whose eigenvalues are >= MIN_FIT_EIGENVALUE at most MAX_FIT_EIGENVALUE_RATIO
+# apart; other contours get the circle of equal area (``fit_ellipse``).
+MIN_FIT_POINTS = 5
+MIN_FIT_AREA = 10.0
+MIN_FIT_SPREAD = 2.0
+MAX_FIT_SPREAD_RATIO = 50.0
+MIN_FIT_EIGENVALUE = 5.0
+MAX_FIT_EIGENVALUE_RATIO = 100.0
 
 
 def preprocessing_params() -> dict:
@@ -45,9 +58,10 @@ def preprocessing_params() -> dict:
         "clahe_clip_limit": CLAHE_CLIP_LIMIT,
         "clahe_tile_grid": list(CLAHE_TILE_GRID),
         "pupil_class": PUPIL_CLASS,
-        "boundary_kernel": f"ellipse {BOUNDARY_KERNEL_SIZE}x{BOUNDARY_KERNEL_SIZE}",
-        "boundary_weight_scale": BOUNDARY_WEIGHT_SCALE,
-        "dist_map": "signed euclidean / image diagonal; channels (background, pupil)",
+        "gamma_lut": "floor",
+        "ellipse": "fitEllipse order; cx/W, cy/H, rx/R, ry/R with R = half diagonal; equal-area circle fallback",
+        "spatial_weights": f"gaussian sigma {BOUNDARY_SIGMA} of the 3x3-cross morphological gradient",
+        "dist_map": "EDT(outside) - EDT(inside) / image diagonal; channels (background, pupil)",
         "order": "binarize, skip-empty, gamma, clahe, ellipse, spatial_weights, dist_map",
     }
 
@@ -102,9 +116,9 @@ def binarize_pupil(label: np.ndarray, pupil_class: int = PUPIL_CLASS) -> np.ndar
 
 # ----------------------------------------------------------------------------- intensity
 def gamma_lut(gamma: float = GAMMA) -> np.ndarray:
-    """256-entry uint8 lookup table: round(255 * (v / 255) ** gamma)."""
+    """256-entry uint8 lookup table: floor(255 * (v / 255) ** gamma), truncated as the original."""
     values = np.arange(256, dtype=np.float64) / 255.0
-    return np.clip(np.round(255.0 * values**gamma), 0, 255).astype(np.uint8)
+    return np.floor(255.0 * values**gamma).astype(np.uint8)
 
 
 _GAMMA_LUT = gamma_lut()
@@ -128,31 +142,40 @@ def enhance_frame(image: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- ellipse
-def ellipse_from_pixels(center, axes, angle: float, height: int, width: int) -> Ellipse:
-    """Pixel ellipse (centre xy, semi-axes, degrees) -> normalized, canonical Ellipse.
+def half_diagonal(height: int, width: int) -> float:
+    """R = sqrt(H^2 + W^2) / 2, the unit of the normalized radii (377.36 at 400x640)."""
+    return math.hypot(height, width) / 2.0
 
-    The same ellipse can be written as (a, b, angle) or (b, a, angle + 90). We keep the form whose
-    first semi-axis is the more horizontal one, i.e. angle in [-45, 45), so that rx / ry are
-    close to the horizontal / vertical extent the 4-value ellipse regressor predicts.
+
+def pixels_to_normalized(x, y, semi_axis_1, semi_axis_2, height: int, width: int):
+    """Pixel ellipse -> normalized (cx, cy, rx, ry) = (x / W, y / H, a / R, b / R).
+
+    Element-wise, so it takes floats, numpy arrays or tensors alike.
     """
-    a, b = float(axes[0]), float(axes[1])
-    angle = float(angle) % 180.0
-    if 45.0 <= angle < 135.0:
-        a, b, angle = b, a, angle - 90.0
-    elif angle >= 135.0:
-        angle -= 180.0
-    return Ellipse(float(center[0]) / width, float(center[1]) / height, a / width, b / height, angle)
+    radius_unit = half_diagonal(height, width)
+    return x / width, y / height, semi_axis_1 / radius_unit, semi_axis_2 / radius_unit
+
+
+def normalized_to_pixels(cx, cy, rx, ry, height: int, width: int):
+    """Normalized (cx, cy, rx, ry) -> pixel (x, y, semi_axis_1, semi_axis_2); inverse of the above."""
+    radius_unit = half_diagonal(height, width)
+    return cx * width, cy * height, rx * radius_unit, ry * radius_unit
+
+
+def ellipse_from_pixels(center, axes, angle: float, height: int, width: int) -> Ellipse:
+    """Pixel ellipse (centre xy, semi-axes in the caller's order, degrees) -> normalized Ellipse."""
+    values = pixels_to_normalized(center[0], center[1], axes[0], axes[1], height, width)
+    return Ellipse(*(float(v) for v in values), float(angle))
 
 
 def ellipse_to_pixels(ellipse: Ellipse, height: int, width: int):
     """Normalized Ellipse -> ((x, y), (semi_axis_1, semi_axis_2), angle) in pixels."""
-    center = (ellipse.cx * width, ellipse.cy * height)
-    axes = (ellipse.rx * width, ellipse.ry * height)
-    return center, axes, ellipse.angle
+    x, y, a, b = normalized_to_pixels(ellipse.cx, ellipse.cy, ellipse.rx, ellipse.ry, height, width)
+    return (x, y), (a, b), ellipse.angle
 
 
 def draw_ellipse(ellipse: Ellipse, height: int, width: int) -> np.ndarray:
-    """The inverse of ``fit_ellipse``: rasterize a normalized ellipse to a uint8 0/1 mask (H, W)."""
+    """Rasterize a normalized ellipse (with its angle) to a uint8 0/1 mask (H, W)."""
     mask = np.zeros((height, width), np.uint8)
     if ellipse.rx <= 0 or ellipse.ry <= 0:
         return mask
@@ -162,90 +185,106 @@ def draw_ellipse(ellipse: Ellipse, height: int, width: int) -> np.ndarray:
     return mask
 
 
-def _moment_ellipse(points: np.ndarray) -> tuple[tuple[float, float], tuple[float, float], float]:
-    """Ellipse with the same centroid and second moments as a set of (N, 2) xy pixel points.
-
-    A uniform filled ellipse with semi-axis a has variance a^2 / 4 along that axis, hence
-    a = 2 * sqrt(eigenvalue). Semi-axes are floored at 0.5 px (one pixel has no spread).
-    """
-    pts = points.astype(np.float64)
-    center = pts.mean(axis=0)
-    cov = np.cov(pts.T) if len(pts) > 1 else np.zeros((2, 2))
-    eigvals, eigvecs = np.linalg.eigh(cov)  # ascending
-    semi = np.maximum(2.0 * np.sqrt(np.maximum(eigvals[::-1], 0.0)), 0.5)  # (major, minor)
-    major = eigvecs[:, 1]
-    angle = math.degrees(math.atan2(major[1], major[0])) % 180.0
-    return (float(center[0]), float(center[1])), (float(semi[0]), float(semi[1])), angle
+def _needs_circle(points: np.ndarray, area: float) -> bool:
+    """True when a contour (N, 2) is too small or thin for ``cv2.fitEllipse`` to be trusted."""
+    if len(points) < MIN_FIT_POINTS or area < MIN_FIT_AREA:
+        return True
+    spread_x, spread_y = np.ptp(points, axis=0)
+    if min(spread_x, spread_y) < MIN_FIT_SPREAD or max(spread_x, spread_y) / min(spread_x, spread_y) > MAX_FIT_SPREAD_RATIO:
+        return True
+    eigenvalues = np.linalg.eigvalsh(np.cov(points.T))  # unbiased covariance of the points, ascending
+    return eigenvalues[0] < MIN_FIT_EIGENVALUE or eigenvalues[1] / eigenvalues[0] > MAX_FIT_EIGENVALUE_RATIO
 
 
-def _fit_is_plausible(fit, contour_area: float, height: int, width: int) -> bool:
-    (x, y), (w, h), _ = fit
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or min(w, h) <= 0:
-        return False
-    if not (0 <= x < width and 0 <= y < height):
-        return False
-    fitted_area = math.pi * w * h / 4.0
-    return fitted_area <= MAX_FIT_TO_CONTOUR_AREA * max(contour_area, 1.0)
+def _fit_or_none(contour: np.ndarray):
+    """``cv2.fitEllipse`` of a contour, or None when it fails or returns an unusable size."""
+    try:
+        (x, y), (width, height), angle = cv2.fitEllipse(contour)
+    except cv2.error:
+        return None
+    if not all(math.isfinite(v) for v in (x, y, width, height)) or width <= 0 or height <= 0:
+        return None
+    return (x, y), (width / 2.0, height / 2.0), angle
+
+
+def _equal_area_circle(contour: np.ndarray, area: float):
+    """Circle at the contour's centroid with the contour's area; None when its area is 0."""
+    moments = cv2.moments(contour)
+    if moments["m00"] == 0:
+        return None
+    radius = math.sqrt(area / math.pi)
+    return (moments["m10"] / moments["m00"], moments["m01"] / moments["m00"]), (radius, radius), 0.0
 
 
 def fit_ellipse(mask: np.ndarray) -> Ellipse | None:
-    """Fit the pupil ellipse to the largest contour of a 0/1 mask (H, W); None if empty.
+    """The pupil ellipse of a 0/1 mask (H, W), as the original precompute fits it; None if none.
 
-    ``cv2.fitEllipse`` is used when the largest contour has at least 5 points and non-zero area
-    and the fit is plausible (finite, centre inside the image, area at most
-    ``MAX_FIT_TO_CONTOUR_AREA`` times the contour's). Otherwise (tiny blobs, lines, slivers at
-    the border) the ellipse with the same second moments as the blob's pixels is returned.
+    The largest external contour (``CHAIN_APPROX_SIMPLE``, by ``cv2.contourArea``) is fitted with
+    ``cv2.fitEllipse``; its (width / 2, height / 2) become (rx, ry) in fitEllipse's own order, with
+    its angle. A contour that is small or thin (``_needs_circle``), or whose fit fails, gets the
+    circle of equal area at its centroid instead, with angle 0. No contour, or a contour of zero
+    area (a single pixel, a 1 px line), gives None; the dataset stores that as (0, 0, 0, 0).
     """
     height, width = mask.shape
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
-    largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
+    largest = max(contours, key=cv2.contourArea)  # the first of equal areas, as the original
     area = cv2.contourArea(largest)
-    if len(largest) >= 5 and area > 0:
-        fit = cv2.fitEllipse(largest)
-        if _fit_is_plausible(fit, area, height, width):
-            (x, y), (w, h), angle = fit
-            return ellipse_from_pixels((x, y), (w / 2.0, h / 2.0), angle, height, width)
-    blob = np.zeros_like(mask, dtype=np.uint8)
-    cv2.drawContours(blob, [largest], -1, color=1, thickness=-1)
-    pixels = blob & (mask > 0)  # the filled contour, without holes the mask has inside it
-    ys, xs = np.nonzero(pixels if pixels.any() else blob)
-    center, axes, angle = _moment_ellipse(np.stack([xs, ys], axis=1))
+    points = largest.reshape(-1, 2).astype(np.float64)  # (N, 2) xy
+    pixel_ellipse = None if _needs_circle(points, area) else _fit_or_none(largest)
+    pixel_ellipse = pixel_ellipse or _equal_area_circle(largest, area)
+    if pixel_ellipse is None:
+        return None
+    center, axes, angle = pixel_ellipse
     return ellipse_from_pixels(center, axes, angle, height, width)
 
 
 # ----------------------------------------------------------------------------- loss targets
+_CROSS = ndimage.generate_binary_structure(2, 1)  # 3x3 cross, 4-connected
+
+
 def spatial_weights(mask: np.ndarray) -> np.ndarray:
-    """Boundary weights (H, W) float32: BOUNDARY_WEIGHT_SCALE on the morphological-gradient band."""
-    kernel = cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (BOUNDARY_KERNEL_SIZE, BOUNDARY_KERNEL_SIZE)
-    )
-    band = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, kernel)
-    return (band > 0).astype(np.float32) * np.float32(BOUNDARY_WEIGHT_SCALE)
+    """Boundary weights (H, W) float32: Gaussian (sigma 5) of the mask's morphological gradient.
+
+    The gradient is binary dilation minus binary erosion, one iteration with the 3x3 cross; pixels
+    outside the frame count as background. The Gaussian is scipy's (truncated at 4 sigma, reflect
+    border), computed in float64 and stored as float32. The loss weights each pixel by (1 + weight).
+    """
+    pupil = mask.astype(bool)
+    boundary = ndimage.binary_dilation(pupil, _CROSS).astype(np.float64) - ndimage.binary_erosion(pupil, _CROSS)
+    weights = ndimage.gaussian_filter(boundary, sigma=BOUNDARY_SIGMA, truncate=BOUNDARY_TRUNCATE, mode="reflect")
+    return weights.astype(np.float32)
+
+
+def _distance_to(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) float64 exact Euclidean distance of every pixel to the nearest pixel of ``pixels``.
+
+    OpenCV's DIST_MASK_PRECISE is the exact transform (as scipy's ``distance_transform_edt``, to
+    float32 rounding) and several times faster.
+    """
+    return cv2.distanceTransform((~pixels).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
 
 
 def signed_distance(class_mask: np.ndarray) -> np.ndarray:
-    """Signed Euclidean distance (H, W) float32 in pixels for one class.
+    """EDT(not class) - EDT(class) (H, W) float64 in pixels for one class; zeros if it is absent.
 
-    Positive outside the class (distance to the nearest class pixel), negative inside
-    (minus the distance to the nearest non-class pixel, less one), so class pixels on the boundary
-    are exactly 0. A class that is absent, or that fills the whole frame, has no boundary: zeros.
+    Outside pixels hold their distance to the class (positive); class pixels hold minus their
+    distance to the nearest non-class pixel, so class pixels on the boundary are -1, not 0.
     """
     inside = class_mask.astype(bool)
-    if not inside.any() or inside.all():
-        return np.zeros(class_mask.shape, np.float32)
-    outside_dist = cv2.distanceTransform((~inside).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    inside_dist = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return np.where(inside, -(inside_dist - 1.0), outside_dist).astype(np.float32)
+    if not inside.any():
+        return np.zeros(class_mask.shape, np.float64)
+    if inside.all():  # no other pixel to measure against: no boundary, as an absent class
+        return np.zeros(class_mask.shape, np.float64)
+    return _distance_to(inside) - _distance_to(~inside)
 
 
 def distance_maps(mask: np.ndarray) -> np.ndarray:
-    """(2, H, W) float32 signed distances for (background, pupil), divided by the diagonal."""
+    """(2, H, W) float32 signed distances for (background, pupil), divided by the image diagonal."""
     diagonal = math.hypot(*mask.shape)
     pupil = mask.astype(bool)
-    maps = [signed_distance(~pupil), signed_distance(pupil)]
-    return (np.stack(maps) / np.float32(diagonal)).astype(np.float32)
+    return (np.stack([signed_distance(~pupil), signed_distance(pupil)]) / diagonal).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- whole sample

@@ -17,6 +17,17 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def in_order_of(a0, b0, a1, b1, angle1):
+    """(a1, b1, angle1) written in the axis order closest to (a0, b0).
+
+    fitEllipse may report an ellipse as (b, a, angle + 90); the dataset keeps its order, so tests
+    that compare with a drawn ellipse first bring the two into the same order.
+    """
+    if abs(a1 - a0) + abs(b1 - b0) > abs(a1 - b0) + abs(b1 - a0):
+        return b1, a1, angle1 - 90.0
+    return a1, b1, angle1
+
+
 def load_output(path, data_files=None):
     """A precompute output (or parquet files) loaded with its own Arrow cache.
 
