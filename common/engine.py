@@ -311,15 +311,21 @@ def save_training_checkpoint(path, model, optimizer, scheduler, stepper, state: 
                     extra={"rng": rng_state(), "train_state": train_state})
 
 
+def metric_label(name: str) -> str:
+    """How a metric key is printed: ``iou`` is the mIoU (mean of background and pupil IoU)."""
+    return "miou" if name == "iou" else name
+
+
 def summary_line(row: dict, best_metric: str, improved: bool) -> str:
-    """One line per epoch: losses, the task's headline metrics, lr and time."""
+    """One line per epoch: losses, mIoU and pupil IoU, the task's pixel errors, lr and time."""
     parts = [f"epoch {row['epoch']:>3}/{row['epochs']}",
              f"train_loss {row['train_loss']:.4f}", f"valid_loss {row['valid_loss']:.4f}",
-             f"train_iou {row['train_iou']:.4f}", f"valid_iou {row['valid_iou']:.4f}"]
+             f"train_miou {row['train_iou']:.4f}", f"valid_miou {row['valid_iou']:.4f}",
+             f"valid_pupil_iou {row['valid_pupil_iou']:.4f}"]
     parts += [f"{k} {row[k]:.2f}" for k in ("valid_center_error_px", "valid_radius_error_px") if k in row]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
     if improved:
-        parts.append(f"* new best valid_{best_metric}")
+        parts.append(f"* new best valid_{metric_label(best_metric)}")
     return " | ".join(parts)
 
 
@@ -402,7 +408,8 @@ def run_epoch(s: Session, state: TrainState, epoch: int) -> dict:
                               s.args, s.loaders.image_size, row, improved)
     tqdm.write(summary_line(row, s.task.best_metric, improved))
     if improved:
-        tqdm.write(f"  saved new best model {s.out_dir / s.spec.best_name} (valid_{s.task.best_metric} {metric:.4f})")
+        label = metric_label(s.task.best_metric)
+        tqdm.write(f"  saved new best model {s.out_dir / s.spec.best_name} (valid_{label} {metric:.4f})")
     s.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "epochs")}, step=epoch + 1)
     for path in saved:
         s.tracker.log_artifact(path, artifact_path="checkpoints")
@@ -460,9 +467,17 @@ def fit(args, spec: TrainSpec) -> dict:
             session.tracker.log_artifact(path)
     session.tracker.finish("FINISHED")
     last = state.history[-1] if state.history else {}
-    summary = {"final_valid_iou": last.get("valid_iou"), "best_valid_metric": state.best_metric,
-               "best_epoch": state.best_epoch, "best_checkpoint": str(session.out_dir / spec.best_name),
-               "onnx": str(onnx_path) if onnx_path else None}
-    print(f"final validation pupil IoU: {summary['final_valid_iou']:.4f} "
-          f"(best {state.best_metric:.4f} at epoch {state.best_epoch})")
+    summary = {"final_valid_iou": last.get("valid_iou"), "final_valid_pupil_iou": last.get("valid_pupil_iou"),
+               "best_valid_metric": state.best_metric, "best_epoch": state.best_epoch,
+               "best_checkpoint": str(session.out_dir / spec.best_name), "onnx": str(onnx_path) if onnx_path else None}
+    print(final_line(summary, metric_label(session.task.best_metric)))
     return summary
+
+
+def final_line(summary: dict, best_label: str) -> str:
+    """The run's last line: final validation mIoU and pupil IoU, and the best epoch's metric."""
+    def value(key):
+        return "n/a" if summary[key] is None else f"{summary[key]:.4f}"
+
+    return (f"final validation mIoU {value('final_valid_iou')}, pupil IoU {value('final_valid_pupil_iou')} "
+            f"(best valid_{best_label} {summary['best_valid_metric']:.4f} at epoch {summary['best_epoch']})")

@@ -36,7 +36,7 @@ def write_history(out_dir: Path, history: list[dict]) -> None:
 
 
 def plot_curves(out_dir: Path, history: list[dict], name: str = "training_curves.png") -> Path:
-    """Loss and IoU curves of train vs valid per epoch, as a PNG."""
+    """Loss and IoU curves of train vs valid per epoch, as a PNG (mIoU solid, pupil IoU dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,11 +44,14 @@ def plot_curves(out_dir: Path, history: list[dict], name: str = "training_curves
 
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric in zip(axes, ("loss", "iou")):
+    for axis, metric, title in zip(axes, ("loss", "iou"), ("loss", "mIoU (solid), pupil IoU (dashed)")):
         for split in ("train", "valid"):
-            axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+            line, = axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
+            if metric == "iou" and f"{split}_pupil_iou" in history[0]:
+                axis.plot(epochs, [row[f"{split}_pupil_iou"] for row in history], linestyle="--",
+                          color=line.get_color())
         axis.set_xlabel("epoch")
-        axis.set_title(metric)
+        axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()

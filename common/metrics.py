@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from common.preprocess import normalized_to_pixels
+
 
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
     # float64 keeps long sums exact enough; MPS has no float64, float32 suffices there.
@@ -58,7 +60,7 @@ class SegmentationMetrics(_Accumulator):
     Args:
         num_classes: number of classes C.
         device: where accumulation happens; inputs to ``update`` must live there.
-        class_names: names used in the ``iou_<name>`` keys; default ("background", "pupil") for
+        class_names: names used in the ``<name>_iou`` keys; default ("background", "pupil") for
             two classes, otherwise "class0", "class1", ...
     """
 
@@ -101,7 +103,11 @@ class SegmentationMetrics(_Accumulator):
         return self.totals.view(self.num_classes, self.num_classes)
 
     def compute(self) -> dict:
-        """{"iou": [per class], "iou_<name>" per class, "miou", "pixel_acc"} as Python floats."""
+        """{"iou": [per class], "<name>_iou" per class, "miou", "pixel_acc"} as Python floats.
+
+        ``miou`` is the mean over classes of IoU accumulated over everything seen (the original's
+        ``iou``: with 2 classes, the mean of background and pupil IoU).
+        """
         confusion = self.confusion_matrix().cpu().double()  # the one device-to-host transfer
         true_positive = confusion.diagonal()
         union = confusion.sum(dim=0) + confusion.sum(dim=1) - true_positive
@@ -109,36 +115,42 @@ class SegmentationMetrics(_Accumulator):
         seen = [value for value in iou if not math.isnan(value)]
         total = confusion.sum().item()
         result = {"iou": iou}
-        result.update({f"iou_{name}": value for name, value in zip(self.class_names, iou)})
+        result.update({f"{name}_iou": value for name, value in zip(self.class_names, iou)})
         result["miou"] = sum(seen) / len(seen) if seen else math.nan
         result["pixel_acc"] = true_positive.sum().item() / total if total else math.nan
         return result
 
 
 class EllipseMetrics(_Accumulator):
-    """Centre error and semi-axis error in pixels, and IoU of the drawn ellipse with the mask.
+    """Centre and radius errors in pixels, and IoU of the drawn ellipse with the pupil mask.
 
-    Per frame, with (cx, cy, rx, ry) normalized as in ``common.preprocess`` and frame size (H, W):
+    Per frame, with (cx, cy, rx, ry) normalized as in ``common.preprocess`` (pixels: cx * W,
+    cy * H, radii rx * R, ry * R with R the half diagonal, through ``normalized_to_pixels``):
 
-    * centre error: Euclidean distance in pixels, ``hypot((cx' - cx) * W, (cy' - cy) * H)``;
-    * radius error: ``(|rx' - rx| * W + |ry' - ry| * H) / 2`` pixels;
-    * IoU of the predicted ellipse, rasterized on the device, with the ground-truth pupil mask.
+    * centre error: Euclidean distance of the centres in pixels;
+    * radius error: ``(|rx' - rx| + |ry' - ry|) * R / 2`` pixels;
+    * the predicted ellipse drawn axis-aligned (the regressor outputs 4 values, no angle) and
+      compared with the ground-truth mask: pupil IoU, background IoU, and their mean.
 
-    Rasterization follows OpenCV, and so ``fit_ellipse`` / ``draw_ellipse``: pixel (row y,
-    column x) has its centre at (x, y). ``fit_ellipse`` fits the centres of the outermost mask
-    pixels, which lie half a pixel inside the mask's edge, so a pixel belongs to the ellipse when
+    As in the original ellipse script, IoUs are computed per frame and averaged over frames, and
+    ``iou`` (mIoU) is the mean of the background and pupil IoU.
 
-        ((x - cx * W) / (rx * W + 0.5)) ** 2 + ((y - cy * H) / (ry * H + 0.5)) ** 2 <= 1.
+    Rasterization follows OpenCV's pixel convention, the one ``fit_ellipse`` and ``draw_ellipse``
+    use: pixel (row y, column x) has its centre at (x, y). ``fit_ellipse`` fits the centres of the
+    outermost mask pixels, which lie half a pixel inside the mask's edge, so a pixel belongs to the
+    drawn ellipse with pixel centre (x0, y0) and radii (a, b) when
 
-    For angle 0 this matches ``draw_ellipse`` up to a one-pixel band along the edge. A
-    semi-axis <= 0 draws nothing. The predicted ellipse has no angle (the regressor outputs 4
-    values); the mask keeps the true shape.
+        ((x - x0) / (a + 0.5)) ** 2 + ((y - y0) / (b + 0.5)) ** 2 <= 1.
+
+    For angle 0 this matches ``draw_ellipse`` up to a one-pixel band along the edge. A radius
+    <= 0 draws nothing.
 
     Frames with an empty ground-truth mask have no target ellipse: they are left out of the
-    centre and radius errors, and their IoU is 1 if nothing is drawn, 0 otherwise.
+    centre and radius errors, and their pupil IoU is 1 if nothing is drawn, 0 otherwise.
 
     ``totals`` (float64; float32 on MPS) holds [centre error sum, radius error sum, frames with
-    a pupil, IoU sum, frames]. ``compute()`` reports NaN for a mean over zero frames.
+    a pupil, pupil IoU sum, background IoU sum, frames]. ``compute()`` reports NaN for a mean over
+    zero frames.
 
     Args:
         height, width: frame size H, W the normalized values refer to.
@@ -148,20 +160,21 @@ class EllipseMetrics(_Accumulator):
     def __init__(self, height: int, width: int, device="cpu"):
         self.height, self.width = int(height), int(width)
         device = torch.device(device)
-        self.totals = torch.zeros(5, dtype=_accumulator_dtype(device), device=device)
+        self.totals = torch.zeros(6, dtype=_accumulator_dtype(device), device=device)
         # pixel-centre coordinates, broadcast against (B, 1, 1) ellipse parameters
         self._xs = torch.arange(self.width, dtype=torch.float32, device=device).view(1, 1, -1)  # (1, 1, W)
         self._ys = torch.arange(self.height, dtype=torch.float32, device=device).view(1, -1, 1)  # (1, H, 1)
 
+    def to_pixels(self, ellipses: torch.Tensor) -> torch.Tensor:
+        """(B, 4) normalized (cx, cy, rx, ry) -> (B, 4) pixel (x, y, a, b) for this frame size."""
+        return torch.stack(normalized_to_pixels(*ellipses.float().unbind(1), self.height, self.width), dim=1)
+
     def draw(self, ellipses: torch.Tensor) -> torch.Tensor:
         """Rasterize axis-aligned normalized ellipses (B, 4) into boolean masks (B, H, W)."""
-        e = ellipses.float().view(-1, 4, 1, 1)
-        cx, cy = e[:, 0] * self.width, e[:, 1] * self.height  # (B, 1, 1) pixels
-        rx = e[:, 2].clamp_min(0) * self.width  # a negative semi-axis draws nothing, like 0
-        ry = e[:, 3].clamp_min(0) * self.height
-        # a zero semi-axis gives inf or NaN below, and both compare False: nothing drawn
-        inside = ((self._xs - cx) / (rx + 0.5)) ** 2 + ((self._ys - cy) / (ry + 0.5)) ** 2 <= 1.0
-        return inside & (rx > 0) & (ry > 0)  # (B, H, W)
+        x, y, a, b = self.to_pixels(ellipses).view(-1, 4, 1, 1).unbind(1)  # each (B, 1, 1) pixels
+        a, b = a.clamp_min(0), b.clamp_min(0)  # a negative radius draws nothing, like 0
+        inside = ((self._xs - x) / (a + 0.5)) ** 2 + ((self._ys - y) / (b + 0.5)) ** 2 <= 1.0
+        return inside & (a > 0) & (b > 0)  # (B, H, W)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
         """Add one batch (device work only, no host sync).
@@ -179,32 +192,40 @@ class EllipseMetrics(_Accumulator):
                 f"mask shape {tuple(mask.shape)} != (B, H, W) = {(pred.shape[0], self.height, self.width)}"
             )
         self._check_device(pred, target, mask)
-        pred, target = pred.float(), target.float()
-        diff = (pred - target).abs()  # (B, 4)
-        center_error = torch.hypot(diff[:, 0] * self.width, diff[:, 1] * self.height)  # (B,) px
-        radius_error = 0.5 * (diff[:, 2] * self.width + diff[:, 3] * self.height)  # (B,) px
+        diff = (self.to_pixels(pred) - self.to_pixels(target)).abs()  # (B, 4) pixels
+        center_error = torch.hypot(diff[:, 0], diff[:, 1])  # (B,)
+        radius_error = 0.5 * (diff[:, 2] + diff[:, 3])  # (B,)
         truth = mask.bool()  # (B, H, W)
         has_pupil = truth.flatten(1).any(dim=1)  # (B,)
         drawn = self.draw(pred)  # (B, H, W)
-        intersection = (drawn & truth).flatten(1).sum(dim=1)  # (B,)
-        union = (drawn | truth).flatten(1).sum(dim=1)
-        iou = torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(center_error))
+        pupil_iou = _frame_iou(drawn, truth, self.totals.dtype)  # (B,)
+        background_iou = _frame_iou(~drawn, ~truth, self.totals.dtype)
         weight = has_pupil.to(center_error.dtype)
         batch = torch.stack([
             (center_error * weight).sum(), (radius_error * weight).sum(), weight.sum(),
-            iou.sum(), torch.full((), float(pred.shape[0]), device=pred.device),
+            pupil_iou.sum(), background_iou.sum(), torch.full((), float(pred.shape[0]), device=pred.device),
         ])  # torch.full fills on the device; torch.tensor(...) would copy from the host
         self.totals += batch.to(self.totals.dtype)
 
     def compute(self) -> dict:
-        """{"center_error_px", "radius_error_px", "ellipse_iou"}: means as Python floats."""
-        center_sum, radius_sum, pupils, iou_sum, frames = self.totals.tolist()  # one transfer
+        """{"center_error_px", "radius_error_px", "iou", "pupil_iou", "background_iou"} as floats."""
+        center_sum, radius_sum, pupils, pupil_sum, background_sum, frames = self.totals.tolist()  # one transfer
 
         def mean(total: float, count: float) -> float:
             return total / count if count else math.nan
 
+        pupil_iou, background_iou = mean(pupil_sum, frames), mean(background_sum, frames)
         return {
             "center_error_px": mean(center_sum, pupils),
             "radius_error_px": mean(radius_sum, pupils),
-            "ellipse_iou": mean(iou_sum, frames),
+            "iou": (pupil_iou + background_iou) / 2,
+            "pupil_iou": pupil_iou,
+            "background_iou": background_iou,
         }
+
+
+def _frame_iou(pred: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-frame IoU (B,) of boolean masks (B, H, W) in ``dtype``; 1 where both are empty."""
+    intersection = (pred & truth).flatten(1).sum(dim=1).to(dtype)  # (B,)
+    union = (pred | truth).flatten(1).sum(dim=1).to(dtype)
+    return torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
