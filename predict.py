@@ -12,6 +12,11 @@ Writes, under --output-dir:
     overlays/<name>.png  the frame with the mask tinted and the ellipse outlined (unless --no-overlay)
     ellipses.csv         one row per frame: pixel and normalized ellipse, ``found`` 0/1
 
+ellipses.csv columns: ``cx_px, cy_px`` the centre and ``semi_axis_1_px, semi_axis_2_px`` the
+semi-axes in pixels, in cv2.fitEllipse's order with its ``angle_deg``; ``cx, cy, rx, ry`` the same
+ellipse normalized as in the dataset (cx = x / W, cy = y / H, rx and ry = semi-axes / R, with R
+half the frame's diagonal). The ellipse regressor's ellipse is axis-aligned (angle 0).
+
 <name> is the image's file stem, or <video stem>_<frame index, 6 digits> for video frames.
 With --roi X Y W H every frame is first cropped to that rectangle (as collect_frames.py does):
 masks and overlays show the crop, the ``*_px`` columns of ellipses.csv are in full-frame pixels,

@@ -1,7 +1,7 @@
 """Train TinyEfficientViTSeg (< 60k parameters) for pupil segmentation on this machine.
 
-Saves, in --output-dir: best_efficientvit_model.pt (best validation pupil IoU), a
-efficientvit_model_epoch_{n}_miou_{iou}.pt on every improvement, last_efficientvit_model.pt
+Saves, in --output-dir: best_efficientvit_model.pt (best validation mIoU, the mean of background
+and pupil IoU), an efficientvit_model_epoch_{n}_miou_{miou}.pt on every improvement, last_efficientvit_model.pt
 (for --resume), best_efficientvit_model.onnx, args.json, metrics.csv/json, training_curves.png.
 MLflow logging is on when MLFLOW_TRACKING_URI is set.
 

@@ -1,7 +1,7 @@
 """Train TinyEfficientViT-Micro (< 10k parameters) for pupil segmentation on this machine.
 
-Saves, in --output-dir: best_efficientvit_tiny_model.pt, efficientvit_tiny_model_epoch_{n}.pt on every
-improvement, last_efficientvit_tiny_model.pt (for --resume), best_efficientvit_tiny_model.onnx,
+Saves, in --output-dir: best_efficientvit_tiny_model.pt (best validation mIoU),
+efficientvit_tiny_model_epoch_{n}.pt on every improvement, last_efficientvit_tiny_model.pt (for --resume), best_efficientvit_tiny_model.onnx,
 args.json, metrics.csv/json, training_curves.png. File names never collide with
 train_efficientvit_local.py's, so both can share an output folder.
 

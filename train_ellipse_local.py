@@ -1,7 +1,7 @@
 """Train EllipseRegressionNet, which regresses the pupil ellipse (cx, cy, rx, ry), on this machine.
 
-Saves, in --output-dir: best_ellipse_model.pt (best validation IoU of the drawn ellipse with the
-pupil mask), ellipse_model_epoch_{n}.pt every 10 epochs and at the final epoch,
+Saves, in --output-dir: best_ellipse_model.pt (best validation mIoU of the drawn axis-aligned
+ellipse with the pupil mask: the mean of background and pupil IoU), ellipse_model_epoch_{n}.pt every 10 epochs and at the final epoch,
 last_ellipse_model.pt (for --resume), best_ellipse_model.onnx, args.json, metrics.csv/json,
 training_curves.png.
 

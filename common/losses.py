@@ -48,8 +48,8 @@ def weighted_cross_entropy(
     Args:
         logits: raw class scores.
         target: class index per pixel.
-        spatial_weights: extra weight per pixel (``common.preprocess.spatial_weights``: 1 on the
-            pupil boundary band, 0 elsewhere).
+        spatial_weights: extra weight per pixel (``common.preprocess.spatial_weights``: a
+            Gaussian (sigma 5) of the pupil's boundary band, largest on the boundary).
 
     Shape:
         logits (B, C, H, W), target (B, H, W) integer, spatial_weights (B, H, W) -> scalar ().

@@ -350,7 +350,10 @@ def test_ellipse_regressor_maps_back_through_the_letterbox(tmp_path):
     with torch.no_grad():
         cx, cy, rx, ry = model(torch.from_numpy(model_input))[0].tolist()
     prediction = PupilPredictor(path).predict(frame)
-    expected = ((cx * 160 - 16) / 0.8 / 160, cy * 96 / 0.8 / 120, rx * 160 / 0.8 / 160, ry * 96 / 0.8 / 120)
+    # radii are in units of half the diagonal: sqrt(96^2 + 160^2) / 2 in the model, 100 px in the frame
+    model_unit, frame_unit = math.hypot(96, 160) / 2, math.hypot(120, 160) / 2
+    expected = ((cx * 160 - 16) / 0.8 / 160, cy * 96 / 0.8 / 120,
+                rx * model_unit / 0.8 / frame_unit, ry * model_unit / 0.8 / frame_unit)
     assert prediction.ellipse.as_tuple()[:4] == pytest.approx(expected, rel=1e-5)
     assert np.array_equal(prediction.mask, preprocess.draw_ellipse(prediction.ellipse, 120, 160))
 

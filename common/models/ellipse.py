@@ -2,7 +2,7 @@
 
 A strided ConvBN-ReLU encoder, global average pooling and a linear head through a sigmoid, so every
 output lies in (0, 1) like the normalized ellipse of ``common.preprocess`` (cx = x / W, cy = y / H,
-rx and ry = semi-axes / W and / H).
+rx and ry = semi-axes / R with R half the frame's diagonal). Its ellipse is drawn axis-aligned.
 """
 
 from __future__ import annotations
