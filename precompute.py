@@ -32,7 +32,9 @@ import tempfile
 from pathlib import Path
 
 from common import folder_source, hub, raw_sources
-from common.cli import UserError, parse_frame_size, report_errors
+from common.cli import parse_frame_size, report_errors
+from common.defaults import DEFAULT_HF_REPO
+from common.errors import UserError
 from common.io import atomic_write_json
 from common.pipeline import SampleOptions, build_dataset, default_workers
 from common.schema import DATA_DIR
@@ -41,7 +43,7 @@ from common.validation import FLOAT_TOLERANCE, validate_dataset
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Preprocess OpenEDS into parquet shards", add_help=add_help)
-    parser.add_argument("--hf-repo", default=hub.DEFAULT_HF_REPO, help="Hub dataset repo to push to / validate")
+    parser.add_argument("--hf-repo", default=DEFAULT_HF_REPO, help="Hub dataset repo to push to / validate")
     parser.add_argument("--output-dir", default="./precompute_output", type=Path, help="where shards are written")
     parser.add_argument("--no-push", action="store_true", help="keep the output local")
     parser.add_argument("--validate", action="store_true",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from common import models
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_path
 from common.models import unwrap as unwrap_model  # re-exported: strips compile / DDP wrappers
 

@@ -1,4 +1,7 @@
-"""Command-line plumbing shared by the top-level scripts: error reporting and exit codes."""
+"""Command-line plumbing shared by the top-level scripts: parsers, error reporting and exit codes.
+
+Imports only the standard library and light ``common`` modules, so a launcher can parse and check
+flags on a machine without torch, datasets or OpenCV."""
 
 from __future__ import annotations
 
@@ -6,22 +9,8 @@ import functools
 import sys
 from typing import Callable
 
-
-class UserError(Exception):
-    """Bad input or environment: reported as one ``error:`` line and a non-zero exit, no traceback."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
-
-
-class ConfigurationError(UserError):
-    """Missing credentials, an unavailable device, an impossible option combination: exit 2."""
-
-    exit_code = 2
+from common.defaults import DEFAULT_DATA_DIR, DEFAULT_HF_REPO, DEMO_SAMPLES
+from common.errors import UserError
 
 
 def report_errors(main: Callable) -> Callable:
@@ -63,9 +52,6 @@ def training_parser(description: str, defaults: dict | None = None, add_help: bo
     ``defaults`` overrides per script (e.g. a larger --lr for a smaller model).
     """
     import argparse
-
-    from common.data import DEFAULT_DATA_DIR, DEMO_SAMPLES
-    from common.hub import DEFAULT_HF_REPO
 
     parser = argparse.ArgumentParser(description=description, add_help=add_help)
     data = parser.add_argument_group("data")

@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from datasets import DatasetDict, load_dataset
 
-from common.cli import UserError
+from common.defaults import DEMO_SAMPLES, DEMO_SEED
+from common.errors import UserError
 from common.preprocess import INPUT_SCALE, binarize_pupil, distance_maps, enhance_frame, spatial_weights
 from common.schema import DATA_DIR, SIZE_MULTIPLE
 
-DEFAULT_DATA_DIR = "~/.cache/openeds"
-DEMO_SAMPLES = 300
-DEMO_SEED = 0
 ELLIPSE_COLUMNS = ("cx", "cy", "rx", "ry")
 TRAIN_SPLIT, VALID_SPLIT = "train", "validation"
 

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from common.augment import augment_batch
-from common.cli import ConfigurationError
 from common.data import to_device
+from common.errors import ConfigurationError
 
 
 # ----------------------------------------------------------------------------- runtime

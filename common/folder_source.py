@@ -42,7 +42,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.io import atomic_write_text
 from common.preprocess import Letterbox, SkipSample, letterbox
 from common.schema import SIZE_MULTIPLE

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.cli import ConfigurationError, UserError
+from common.errors import ConfigurationError, UserError
 from common.io import atomic_path, atomic_write_json
 
 PREVIEW_MAX_WIDTH = 320

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from common.cli import ConfigurationError
+from common.errors import ConfigurationError
 from common.io import retry_with_backoff
 from common.schema import STATE_DIR
 
-DEFAULT_HF_REPO = "Conner/sddec25-01"
 # Resume bookkeeping and writer temporaries stay local.
 UPLOAD_IGNORE = [f"{STATE_DIR}/*", "**/.tmp-*", ".tmp-*"]
 

@@ -23,7 +23,7 @@ import torch
 
 from common import export, preprocess
 from common.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from common.cli import ConfigurationError, UserError
+from common.errors import ConfigurationError, UserError
 from common.preprocess import Ellipse, Letterbox
 
 MASK_COLOR_BGR = (0, 200, 0)

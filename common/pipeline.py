@@ -27,7 +27,7 @@ import pyarrow
 from datasets import Dataset
 from tqdm import tqdm
 
-from common.cli import UserError
+from common.errors import UserError
 from common.folder_source import FolderImportError, FolderSample, MaskFormat, load_folder_sample
 from common.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from common.preprocess import SkipSample, letterbox, preprocessing_params, process_sample

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common.cli import ConfigurationError, UserError
+from common.errors import ConfigurationError, UserError
 from common.io import retry_with_backoff
 from common.preprocess import SkipSample
 

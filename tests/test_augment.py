@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from common import preprocess
-from common.augment import (AugmentConfig, AugmentError, AugmentParams, augment_batch, gaussian_blur,
-                            line_mask, sample_params)
+from common.augment import (
+    AugmentConfig,
+    AugmentError,
+    AugmentParams,
+    augment_batch,
+    gaussian_blur,
+    line_mask,
+    sample_params,
+)
 
 ONLY_FLIP = AugmentConfig(p_flip=1.0, p_lines=0.0, p_blur=0.0)
 ONLY_LINES = AugmentConfig(p_flip=0.0, p_lines=1.0, p_blur=0.0)

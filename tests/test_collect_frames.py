@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from common import frames
-from common.cli import ConfigurationError
+from common.errors import ConfigurationError
 from common.frames import FrameError, ViewerState, handle_key, is_selected, make_preview, prepare_frame
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,17 @@ from common.folder_source import (
     mask_to_pupil,
     stratified_split,
 )
-from common.preprocess import Ellipse, Letterbox, SkipSample, draw_ellipse, ellipse_from_pixels, ellipse_to_pixels, \
-    fit_ellipse, process_sample, unletterbox_ellipse
+from common.preprocess import (
+    Ellipse,
+    Letterbox,
+    SkipSample,
+    draw_ellipse,
+    ellipse_from_pixels,
+    ellipse_to_pixels,
+    fit_ellipse,
+    process_sample,
+    unletterbox_ellipse,
+)
 from tests.helpers import in_order_of
 
 H, W = 96, 128

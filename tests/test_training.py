@@ -18,7 +18,7 @@ from common import data as data_module
 from common import preprocess
 from common.checkpoint import load_checkpoint
 from common.engine import TrainSpec, resolve_device
-from common.cli import ConfigurationError
+from common.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {

@@ -1,0 +1,6 @@
+"""Defaults shared by the parsers and the library; no imports, so parsing stays light."""
+
+DEFAULT_DATA_DIR = "~/.cache/openeds"  # Hub and demo data cache
+DEFAULT_HF_REPO = "Conner/sddec25-01"  # the published dataset
+DEMO_SAMPLES = 300
+DEMO_SEED = 0
