@@ -17,6 +17,7 @@ and upcast uint8), on DataLoader worker processes. Each batch is a dict of CPU t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,15 @@ from datasets import DatasetDict, load_dataset
 
 from common.defaults import DEMO_SAMPLES, DEMO_SEED
 from common.errors import UserError
-from common.preprocess import INPUT_SCALE, binarize_pupil, distance_maps, enhance_frame, spatial_weights
-from common.schema import DATA_DIR, SIZE_MULTIPLE
+from common.preprocess import (
+    INPUT_SCALE,
+    binarize_pupil,
+    distance_maps,
+    enhance_frame,
+    preprocessing_params,
+    spatial_weights,
+)
+from common.schema import DATA_DIR, MANIFEST_NAME, SIZE_MULTIPLE
 
 ELLIPSE_COLUMNS = ("cx", "cy", "rx", "ry")
 TRAIN_SPLIT, VALID_SPLIT = "train", "validation"
@@ -44,9 +52,13 @@ def ensure_demo_dataset(data_dir: Path, samples: int = DEMO_SAMPLES, seed: int =
 
     root = data_dir / f"demo-{samples}-{seed}-{size[0]}x{size[1]}"
     out = root / "precomputed"
-    if (out / "manifest.json").exists():
+    built_with = _manifest_preprocessing(out)
+    if built_with == preprocessing_params():
         return out
-    print(f"building the synthetic demo dataset ({samples} samples) in {root}; this happens once")
+    if built_with is None:
+        print(f"building the synthetic demo dataset ({samples} samples) in {root}; this happens once")
+    else:  # a cache from an earlier preprocessing convention would train on other targets
+        print(f"the demo dataset in {root} was built with other preprocessing parameters; rebuilding it")
     splits = [TRAIN_SPLIT, VALID_SPLIT]
     generate_raw_dataset(root / "raw", samples, seed=seed, splits=tuple(splits), fractions=(0.8, 0.2),
                          height=size[0], width=size[1], progress=True)
@@ -55,6 +67,15 @@ def ensure_demo_dataset(data_dir: Path, samples: int = DEMO_SAMPLES, seed: int =
     options = SampleOptions(height=size[0], width=size[1])
     build_dataset(raw, out, options, workers=os.cpu_count() or 1, shard_size=100, source="synthetic demo")
     return out
+
+
+def _manifest_preprocessing(folder: Path) -> dict | None:
+    """The preprocessing parameters a dataset folder's manifest records (None: no readable manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("options", {}).get("preprocessing", {})
 
 
 def hub_snapshot(repo_id: str, data_dir: Path) -> Path:

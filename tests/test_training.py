@@ -245,3 +245,18 @@ def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
     assert list(a) != list(b)
     flat = sorted(i for batch in data_module.EpochBatchSampler(10, 3, shuffle=False) for i in batch)
     assert flat == list(range(10))
+
+
+def test_demo_cache_from_other_preprocessing_is_rebuilt(tmp_path, capsys):
+    source = data_module.ensure_demo_dataset(tmp_path, 10, 0, (32, 48))
+    manifest_path = source / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    expected = dict(manifest["options"]["preprocessing"])
+    manifest["options"]["preprocessing"]["gamma_lut"] = "round"  # as an earlier convention wrote it
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert data_module.ensure_demo_dataset(tmp_path, 10, 0, (32, 48)) == source
+    assert "rebuilding" in capsys.readouterr().out
+    assert json.loads(manifest_path.read_text())["options"]["preprocessing"] == expected
+    data_module.ensure_demo_dataset(tmp_path, 10, 0, (32, 48))
+    assert "building" not in capsys.readouterr().out  # current again: reused as is
