@@ -13,16 +13,8 @@ Examples:
 """
 
 from common.cli import report_errors, training_parser
-from common.engine import TrainSpec, fit
-
-SPEC = TrainSpec(
-    model_name="efficientvit",
-    model_type="TinyEfficientViT",
-    architecture="EfficientViT-MSRA cascaded group attention, 3 stages, skip decoder",
-    file_stem="efficientvit_model",
-    epoch_pattern="efficientvit_model_epoch_{epoch}_miou_{metric:.4f}.pt",
-    epoch_checkpoint="on_improve",
-)
+from common.engine import fit
+from common.specs import EFFICIENTVIT as SPEC
 
 
 def get_args_parser(add_help: bool = True):

@@ -11,16 +11,8 @@ Examples:
 """
 
 from common.cli import report_errors, training_parser
-from common.engine import TrainSpec, fit
-
-SPEC = TrainSpec(
-    model_name="efficientvit_micro",
-    model_type="TinyEfficientViT-Micro",
-    architecture="EfficientViT-MSRA micro: embed (8,12,18), decoder 8, heads (1,1,1)",
-    file_stem="efficientvit_tiny_model",
-    epoch_pattern="efficientvit_tiny_model_epoch_{epoch}.pt",
-    epoch_checkpoint="on_improve",
-)
+from common.engine import fit
+from common.specs import EFFICIENTVIT_TINY as SPEC
 
 
 def get_args_parser(add_help: bool = True):

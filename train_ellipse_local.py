@@ -11,16 +11,8 @@ Examples:
 """
 
 from common.cli import report_errors, training_parser
-from common.engine import TrainSpec, fit
-
-SPEC = TrainSpec(
-    model_name="ellipse",
-    model_type="EllipseRegression",
-    architecture="CNN encoder + global pool + sigmoid head (cx, cy, rx, ry)",
-    file_stem="ellipse_model",
-    epoch_pattern="ellipse_model_epoch_{epoch}.pt",
-    epoch_checkpoint="every_10",
-)
+from common.engine import fit
+from common.specs import ELLIPSE as SPEC
 
 
 def get_args_parser(add_help: bool = True):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from common.augment import augment_batch
 from common.data import to_device
 from common.errors import ConfigurationError
+from common.specs import TrainSpec
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -220,39 +221,6 @@ def evaluate(model, loader, task, runtime: Runtime, epoch: int) -> dict[str, flo
 
 
 # ----------------------------------------------------------------------------- fit
-@dataclass(frozen=True)
-class TrainSpec:
-    """What a training script trains and how it names its files."""
-
-    model_name: str           # registry name (common.models)
-    model_type: str           # MLflow tag model_type
-    architecture: str         # MLflow tag architecture
-    file_stem: str            # e.g. "efficientvit_tiny_model"
-    epoch_pattern: str        # per-epoch checkpoint name; fields: epoch (1-based), metric
-    epoch_checkpoint: str     # "on_improve" or "every_10"
-    experiment: str = "visionassist"
-
-    @property
-    def best_name(self) -> str:
-        return f"best_{self.file_stem}.pt"
-
-    @property
-    def last_name(self) -> str:
-        return f"last_{self.file_stem}.pt"
-
-    @property
-    def onnx_name(self) -> str:
-        return f"best_{self.file_stem}.onnx"
-
-    def epoch_name(self, epoch: int, metric: float) -> str:
-        return self.epoch_pattern.format(epoch=epoch, metric=metric)
-
-    def wants_epoch_checkpoint(self, epoch: int, epochs: int, improved: bool) -> bool:
-        if self.epoch_checkpoint == "every_10":
-            return epoch % 10 == 0 or epoch == epochs
-        return improved
-
-
 @dataclass
 class TrainState:
     """Everything ``fit`` carries from epoch to epoch; saved in every checkpoint's extras."""
@@ -445,17 +413,24 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     return session, state
 
 
-def fit(args, spec: TrainSpec) -> dict:
-    """Train ``spec``'s model as ``args`` says; returns the final summary (also printed)."""
+def fit(args, spec: TrainSpec, on_saved=None) -> dict:
+    """Train ``spec``'s model as ``args`` says; returns the final summary (also printed).
+
+    ``on_saved()``, when given, runs after each epoch's files and after the final export are
+    written: the Modal job commits its output volume there, so a lost container costs one epoch.
+    """
     from common.history import plot_curves, write_history
 
+    saved = on_saved or (lambda: None)
     session, state = open_session(args, spec)
     try:
         for epoch in range(state.epoch, args.epochs):
             run_epoch(session, state, epoch)
             write_history(session.out_dir, state.history)
+            saved()
         curves = plot_curves(session.out_dir, state.history) if state.history else None
         onnx_path = _export_best(session.out_dir, spec, session.loaders.image_size, session.runtime)
+        saved()
     except KeyboardInterrupt:
         session.tracker.finish("KILLED")
         raise

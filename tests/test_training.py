@@ -17,7 +17,8 @@ from datasets import Array2D, Dataset, Features, Value
 from common import data as data_module
 from common import preprocess
 from common.checkpoint import load_checkpoint
-from common.engine import TrainSpec, resolve_device
+from common.engine import resolve_device
+from common.specs import TrainSpec
 from common.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]

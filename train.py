@@ -1,0 +1,52 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["modal==1.6.4"]
+# ///
+"""Train ShallowNet (dense U-Net, about 60k parameters) on a Modal GPU, or here with --local.
+
+The same flags and engine as the local training scripts, run in a Modal container
+with the Hub dataset cached on the openeds-dataset-cache volume and the run folder on the
+visionassist-runs volume; at the end the run folder is downloaded into --output-dir
+(default ./checkpoints/<run-name>). Rerunning a --run-name resumes it from its last_*.pt.
+
+Examples:
+    uv run train.py --epochs 30 --batch-size 32
+    modal run train.py --gpu A100-80GB --epochs 30 --run-name shallow-a100
+    uv run train.py --gpu H100,A100-80GB --detach --run-name shallow-long --epochs 200
+    uv run train.py --run-name shallow-long --resume shallow-long/last_shallow_model.pt
+    python train.py --local --demo --epochs 2      # the same job on this machine
+"""
+
+import sys
+
+import modal
+
+from common import cloud
+from common.cli import report_errors
+from common.defaults import SHALLOWNET_HF_REPO
+from common.specs import SHALLOWNET as SPEC
+
+app = modal.App("visionassist-shallownet")
+
+
+@app.function(**cloud.function_options(sys.argv))
+def train_remote(config: dict) -> dict:
+    return cloud.run_job(SPEC, config)
+
+
+def get_args_parser(add_help: bool = True):
+    return cloud.modal_parser(__doc__.splitlines()[0], SHALLOWNET_HF_REPO, add_help=add_help)
+
+
+@report_errors
+def main(args):
+    return cloud.launch(args, SPEC, train_remote, app)
+
+
+@app.local_entrypoint()
+def modal_main(*argv: str):
+    main(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
