@@ -275,18 +275,38 @@ def download_run(volume, run_name: str, dest: Path) -> int:
     return count
 
 
+def check_resume_on_volume(volume, requested: str, run_name: str) -> None:
+    """Stop before a container starts when ``--resume`` names a file the runs volume lacks.
+
+    The job looks for the path as given, relative to the volume and relative to the run folder.
+    """
+    relative = requested.removeprefix(RUNS_MOUNT + "/").lstrip("/")
+    for candidate in (PurePosixPath(relative), PurePosixPath(run_name) / relative):
+        try:
+            entries = volume.listdir(str(candidate.parent))
+        except (modal.exception.NotFoundError, FileNotFoundError):
+            continue
+        if any(PurePosixPath(entry.path) == candidate for entry in entries):
+            return
+    raise UserError(f"--resume {requested}: no such checkpoint on the {RUNS_VOLUME} volume (list it with "
+                    f"`modal volume ls {RUNS_VOLUME} {run_name}`)")
+
+
 def _submit(args, function) -> dict | None:
     configured = function.with_options(timeout=int(args.timeout_hours * 3600),
                                        secrets=[modal.Secret.from_name(name) for name in args.secret])
     config = {key: value for key, value in vars(args).items() if key not in MODAL_ONLY}
     fetch = f"modal volume get {RUNS_VOLUME} {args.run_name} {args.output_dir}"
+    runs_volume = modal.Volume.from_name(RUNS_VOLUME, create_if_missing=True)
+    if args.resume:
+        check_resume_on_volume(runs_volume, args.resume, args.run_name)
     if args.detach:
         call = configured.spawn(config)
         print(f"started run {args.run_name} on Modal (call {call.object_id}); "
               f"fetch its outputs with:\n  {fetch}")
         return None
     summary = configured.remote(config)
-    count = download_run(modal.Volume.from_name(RUNS_VOLUME), args.run_name, Path(args.output_dir))
+    count = download_run(runs_volume, args.run_name, Path(args.output_dir))
     print(f"downloaded {count} files of run {args.run_name} to {args.output_dir}")
     return summary
 

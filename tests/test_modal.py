@@ -269,6 +269,18 @@ def test_run_folder_is_downloaded_file_by_file(tmp_path):
     assert not [p for p in dest.rglob(".tmp-*")]
 
 
+def test_resume_is_checked_on_the_volume_before_a_container_starts(tmp_path):
+    run = tmp_path / "volume" / "r1"
+    run.mkdir(parents=True)
+    (run / "last_shallow_model.pt").write_bytes(b"x")
+    volume = FolderVolume(tmp_path / "volume")
+    for found in ("r1/last_shallow_model.pt", "last_shallow_model.pt", "/runs/r1/last_shallow_model.pt"):
+        cloud.check_resume_on_volume(volume, found, "r1")
+    for missing in ("r1/best_shallow_model.pt", "r2/last_shallow_model.pt"):
+        with pytest.raises(UserError, match=f"--resume {missing}: no such checkpoint on the visionassist"):
+            cloud.check_resume_on_volume(volume, missing, "r1")
+
+
 # ----------------------------------------------------------------------------- ShallowNet --local
 def test_shallownet_trains_locally_with_its_names_and_mlflow_tag(mlflow_server, tmp_path):
     env = {**no_modal_env(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server.uri}
