@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.errors import ConfigurationError
 from common.io import retry_with_backoff
-from common.schema import STATE_DIR
+from common.schema import DATA_DIR, STATE_DIR, split_of_shard, split_shard_pattern
 
 # Resume bookkeeping and writer temporaries stay local.
 UPLOAD_IGNORE = [f"{STATE_DIR}/*", "**/.tmp-*", ".tmp-*"]
@@ -33,11 +33,28 @@ def make_hub_api(token: str):
     return HfApi(token=token)
 
 
+def local_splits(folder: str | os.PathLike) -> list[str]:
+    """The splits that have shards in a local dataset folder."""
+    names = (path.name for path in (Path(folder) / DATA_DIR).glob("*.parquet"))
+    return sorted({split for split in map(split_of_shard, names) if split})
+
+
+def stale_shard_patterns(folder: str | os.PathLike) -> list[str] | None:
+    """``delete_patterns`` that drop every remote shard of the splits ``folder`` holds.
+
+    ``upload_folder`` keeps remote files that the same commit uploads, so these patterns remove
+    exactly the shards a new shard count no longer names (a 3-shard split pushed again as 2 would
+    otherwise keep its old third shard and serve its rows twice). Other splits and files stay.
+    """
+    return [split_shard_pattern(split) for split in local_splits(folder)] or None
+
+
 def push_dataset(folder: str | os.PathLike, repo_id: str, token: str, attempts: int = 5, api=None) -> str:
     """Upload a dataset folder to a Hub dataset repo; returns the commit URL.
 
     ``upload_folder`` skips files already committed and deduplicates uploaded chunks, so each
-    retry (and a rerun after an interruption) resumes rather than starts over.
+    retry (and a rerun after an interruption) resumes rather than starts over. The commit also
+    removes remote shards of the pushed splits that the folder no longer has.
     """
     api = api or make_hub_api(token)
     folder = Path(folder)
@@ -52,6 +69,7 @@ def push_dataset(folder: str | os.PathLike, repo_id: str, token: str, attempts: 
             folder_path=str(folder),
             repo_type="dataset",
             ignore_patterns=UPLOAD_IGNORE,
+            delete_patterns=stale_shard_patterns(folder),
             commit_message="Upload preprocessed OpenEDS shards",
         ),
         attempts=attempts,

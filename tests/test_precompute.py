@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import cv2
@@ -16,8 +17,9 @@ import pytest
 
 import precompute
 from common import hub, preprocess
-from common.schema import dataset_features
+from common.schema import dataset_features, split_of_shard, split_shard_pattern
 from tests.helpers import load_output
+from tests.hub_standin import RecordingHfApi
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,27 +236,6 @@ def test_missing_hf_token_exit_2_before_work(tmp_path):
     assert not out.exists() and not (tmp_path / "raw").exists()
 
 
-class RecordingHfApi:
-    """Stand-in for huggingface_hub.HfApi: records calls, fails the first upload like a dropped link."""
-
-    def __init__(self):
-        self.calls = []
-        self.failures_left = 1
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-        if self.failures_left:
-            self.failures_left -= 1
-            raise ConnectionError("connection reset by peer")
-        files = sorted(str(p.relative_to(kwargs["folder_path"])) for p in Path(kwargs["folder_path"]).rglob("*")
-                       if p.is_file())
-        self.uploaded = files
-        return type("Commit", (), {"commit_url": f"https://hub.invalid/{kwargs['repo_id']}/commit/1"})()
-
-
 def test_push_uploads_folder_with_retry(synthetic40, tmp_path, monkeypatch, capsys):
     raw, out, _ = synthetic40
     copy = tmp_path / "out"
@@ -274,8 +255,62 @@ def test_push_uploads_folder_with_retry(synthetic40, tmp_path, monkeypatch, caps
     upload = api.calls[-1][2]
     assert upload["repo_type"] == "dataset" and Path(upload["folder_path"]) == copy
     assert ".shards/*" in upload["ignore_patterns"]
+    assert upload["delete_patterns"] == [split_shard_pattern("train"), split_shard_pattern("validation")]
     assert "manifest.json" in api.uploaded and any(f.startswith("data/train-") for f in api.uploaded)
     assert "pushed to team/eyes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path, split", [
+    ("data/train-00002-of-00003.parquet", "train"),  # datasets 4 push_to_hub, and ours
+    ("data/train-00000-of-00001-5b3a2d1e0f9c8a7b.parquet", "train"),  # older push_to_hub
+    ("data/validation-00000-of-00002.parquet", "validation"),
+    ("data/train.clean-00000-of-00001.parquet", "train.clean"),
+])
+def test_shard_patterns_match_only_their_split(path, split):
+    matches = [s for s in ("train", "validation", "train.clean") if fnmatchcase(path, split_shard_pattern(s))]
+    assert matches == [split]
+    others = ("README.md", "manifest.json", "data/x-train-00000-of-00001.parquet", f"data/{split}.parquet")
+    assert not [other for other in others if fnmatchcase(other, split_shard_pattern(split))]
+
+
+def test_split_of_shard_reads_our_shard_names():
+    assert split_of_shard("validation-00001-of-00002.parquet") == "validation"
+    assert split_of_shard(".tmp-123-train-00000-of-00001.parquet") is None  # a writer's temporary
+    assert split_of_shard("other.parquet") is None
+
+
+def _push(raw, out, api, shard_size, repo="team/eyes"):
+    args = precompute.get_args_parser().parse_args(
+        ["--skip-download", "--raw-dir", str(raw), "--output-dir", str(out), "--hf-repo", repo,
+         "--shard-size", str(shard_size), "--workers", "1"])
+    precompute.main(args)
+    return {f for f in api.remote_files(repo) if f.startswith("data/")}
+
+
+def test_push_with_fewer_shards_removes_the_stale_ones(synthetic40, tmp_path, monkeypatch):
+    raw, out, _ = synthetic40
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    api = RecordingHfApi(tmp_path / "hub", failures_left=0)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
+    remote = api.repo_dir("team/eyes")
+    (remote / "data").mkdir(parents=True)
+    foreign = ["data/test-00000-of-00001.parquet", "notes.txt", ".gitattributes"]  # not ours to delete
+    for name in foreign:
+        shutil.copyfile(next((copy / "data").glob("validation-*.parquet")), remote / name)
+    first = _push(raw, copy, api, shard_size=8)
+    assert len([f for f in first if f.startswith("data/train-")]) == 4
+    second = _push(raw, copy, api, shard_size=16)
+    local = {f"data/{p.name}" for p in (copy / "data").glob("*.parquet")}
+    assert {f for f in second if f.startswith("data/train-")} == {"data/train-00000-of-00002.parquet",
+                                                                  "data/train-00001-of-00002.parquet"}
+    assert second == local | {"data/test-00000-of-00001.parquet"}
+    assert set(foreign) <= api.remote_files("team/eyes")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    served = load_output(remote)  # what a user of the Hub dataset gets: each row once
+    assert {split: ds.num_rows for split, ds in served.items()} == {
+        split: counts["rows"] for split, counts in manifest["splits"].items()}
 
 
 def test_kaggle_download_finds_nested_splits(tmp_path, monkeypatch):
