@@ -1,9 +1,9 @@
 """A recording stand-in for the network part of ``huggingface_hub.HfApi``.
 
-Each repo's files live in a local folder, so a test can push and look at what the Hub would hold.
-Patterns are matched with huggingface_hub's own ``filter_repo_objects``, and ``upload_folder``
-applies ``delete_patterns`` as huggingface_hub 2.4 does: remote files that match are removed
-unless the same commit uploads them, and ``.gitattributes`` is never removed."""
+Each repo's files live in a local folder, so a test can push, look at what the Hub would hold,
+and download it again. Patterns are matched with huggingface_hub's own ``filter_repo_objects``,
+and ``upload_folder`` applies ``delete_patterns`` as huggingface_hub 2.4 does: remote files that
+match are removed unless the same commit uploads them, and ``.gitattributes`` is never removed."""
 
 import shutil
 import tempfile
@@ -59,3 +59,14 @@ class RecordingHfApi:
             shutil.copyfile(folder / name, remote / name)
         self.uploaded = sorted(uploaded)
         return type("Commit", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
+
+    def snapshot_download(self, repo_id, *, local_dir, allow_patterns=None, **kwargs):
+        self.calls.append(("snapshot_download", repo_id, {"allow_patterns": allow_patterns, **kwargs}))
+        remote = self.repo_dir(repo_id)
+        if not remote.is_dir():
+            raise FileNotFoundError(f"404: repository {repo_id} not found")
+        files = self.remote_files(repo_id)
+        for name in _matching(files, allow_patterns) if allow_patterns else files:
+            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(remote / name, Path(local_dir) / name)
+        return str(local_dir)

@@ -104,12 +104,7 @@ def test_validate_passes_then_fails_on_tampered_shard(synthetic40, tmp_path):
     good = run_cli(*args)
     assert good.returncode == 0, good.stdout + good.stderr
     assert "all checked rows match" in good.stdout
-    shard = sorted((copy / "data").glob("train-*.parquet"))[0]
-    table = pq.read_table(shard)
-    cx = table.column("cx").to_numpy().copy()
-    cx[0] += 0.01  # 6.4 px: a silent corruption of one ellipse target
-    table = table.set_column(table.schema.get_field_index("cx"), "cx", [cx.astype(np.float32)])
-    pq.write_table(table, shard)
+    _tamper_cx(sorted((copy / "data").glob("train-*.parquet"))[0])
     bad = run_cli(*args)
     assert bad.returncode != 0
     assert "MISMATCH" in bad.stdout and "validation failed" in bad.stderr
@@ -311,6 +306,50 @@ def test_push_with_fewer_shards_removes_the_stale_ones(synthetic40, tmp_path, mo
     served = load_output(remote)  # what a user of the Hub dataset gets: each row once
     assert {split: ds.num_rows for split, ds in served.items()} == {
         split: counts["rows"] for split, counts in manifest["splits"].items()}
+
+
+def _tamper_cx(shard):
+    table = pq.read_table(shard)
+    cx = table.column("cx").to_numpy().copy()
+    cx[0] += 0.01  # 6.4 px: a silent corruption of one ellipse target
+    pq.write_table(table.set_column(table.schema.get_field_index("cx"), "cx", [cx.astype(np.float32)]), shard)
+
+
+def test_validate_with_explicit_hf_repo_checks_the_hub_copy(synthetic40, tmp_path, monkeypatch, capsys):
+    raw, out, _ = synthetic40
+    api = RecordingHfApi(tmp_path / "hub")
+    shutil.copytree(out, api.repo_dir("team/eyes"), ignore=shutil.ignore_patterns(".shards"))
+    local = tmp_path / "local"  # a broken local output that happens to exist
+    shutil.copytree(out, local)
+    _tamper_cx(sorted((local / "data").glob("train-*.parquet"))[0])
+    monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
+    common = ["--validate", "--skip-download", "--raw-dir", str(raw), "--output-dir", str(local),
+              "--validate-samples", "50"]
+    precompute.main(precompute.get_args_parser().parse_args(common + ["--hf-repo", "team/eyes"]))
+    stdout = capsys.readouterr().out
+    assert "validated team/eyes (Hub)" in stdout and "all checked rows match" in stdout
+    assert [call[:2] for call in api.calls] == [("snapshot_download", "team/eyes")]
+    with pytest.raises(SystemExit) as failed:  # without --hf-repo the local folder is checked
+        precompute.main(precompute.get_args_parser().parse_args(common))
+    assert failed.value.code == 1
+    captured = capsys.readouterr()
+    assert f"validated {local}" in captured.out and "MISMATCH" in captured.out
+    assert "validation failed" in captured.err
+    assert len(api.calls) == 1
+
+
+def test_validate_of_a_missing_hub_repo_is_one_clean_error(synthetic40, tmp_path, monkeypatch, capsys):
+    raw, _, _ = synthetic40
+    api = RecordingHfApi(tmp_path / "hub")
+    monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
+    monkeypatch.setattr("common.io.time.sleep", lambda seconds: None)
+    args = precompute.get_args_parser().parse_args(
+        ["--validate", "--skip-download", "--raw-dir", str(raw), "--output-dir", str(tmp_path / "none"),
+         "--hf-repo", "team/missing"])
+    with pytest.raises(SystemExit) as failed:
+        precompute.main(args)
+    assert failed.value.code == 1
+    assert "could not download dataset team/missing from the Hub" in capsys.readouterr().err
 
 
 def test_kaggle_download_finds_nested_splits(tmp_path, monkeypatch):
