@@ -165,7 +165,8 @@ def run_validation(args, samples) -> None:
 
 
 def check_against_raw(args, target: Path, samples, name: str) -> None:
-    # the options come from the dataset's manifest: rows are recomputed the way they were made
+    # options come from the manifest (or, without one, the image column's size): rows are
+    # recomputed the way they were made, not with this run's --size
     report = validate_dataset(target, samples, count=args.validate_samples, seed=args.seed)
     print(f"validated {name} against {args.raw_dir} (float tolerance {FLOAT_TOLERANCE:g})")
     print(report.render())
