@@ -18,6 +18,8 @@ Examples:
     python precompute.py --skip-download --raw-dir ./openeds_raw --splits validation --no-push
     # recompute a sample of rows from raw and compare them with the stored dataset
     python precompute.py --validate --skip-download --raw-dir ./openeds_raw
+    # the same check of the published dataset (downloaded), even if ./precompute_output exists
+    python precompute.py --validate --hf-repo Conner/sddec25-01 --skip-download --raw-dir ./openeds_raw
     # your own frames labelled in CVAT, letterboxed to 240x320, kept local
     python precompute.py --source folder --raw-dir my_eyes/ --size 240 320 --output-dir my_eyes_data --no-push
     # class-index masks where the pupil is 3, at the frames' own size
@@ -43,11 +45,14 @@ from common.validation import FLOAT_TOLERANCE, validate_dataset
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Preprocess OpenEDS into parquet shards", add_help=add_help)
-    parser.add_argument("--hf-repo", default=DEFAULT_HF_REPO, help="Hub dataset repo to push to / validate")
+    # None tells "not given" apart: an explicit --hf-repo is what --validate checks
+    parser.add_argument("--hf-repo", default=None,
+                        help=f"Hub dataset repo to push to / validate (default {DEFAULT_HF_REPO})")
     parser.add_argument("--output-dir", default="./precompute_output", type=Path, help="where shards are written")
     parser.add_argument("--no-push", action="store_true", help="keep the output local")
     parser.add_argument("--validate", action="store_true",
-                        help="recompute sampled rows of --output-dir (or, if empty, --hf-repo) from raw and compare")
+                        help="recompute sampled rows from raw and compare: of --hf-repo if given, else of "
+                             "--output-dir if it holds shards, else of the default repo")
     parser.add_argument("--validate-samples", default=20, type=int, help="rows per split checked by --validate")
     parser.add_argument("--skip-download", action="store_true", help="use the raw data already in --raw-dir")
     parser.add_argument("--source", choices=["openeds", "folder"], default="openeds",
@@ -143,15 +148,27 @@ def source_name(args) -> str:
     return "synthetic" if args.synthetic is not None else f"kaggle:{raw_sources.KAGGLE_DATASET}"
 
 
+def hub_repo(args) -> str:
+    return args.hf_repo or DEFAULT_HF_REPO
+
+
 def run_validation(args, samples) -> None:
-    target = args.output_dir
-    if not any((target / DATA_DIR).glob("*.parquet")):
-        target = Path(tempfile.mkdtemp(prefix="validate-"))
-        print(f"{args.output_dir} holds no shards; downloading {args.hf_repo} to validate it")
-        hub.download_dataset(args.hf_repo, target, args.splits)
-    # the options come from the dataset's manifest: rows are recomputed the way they were made
+    """Validate --hf-repo when given, else --output-dir when it holds shards, else the default repo."""
+    if args.hf_repo is None and any((args.output_dir / DATA_DIR).glob("*.parquet")):
+        return check_against_raw(args, args.output_dir, samples, str(args.output_dir))
+    if args.hf_repo is None:
+        print(f"{args.output_dir} holds no shards; validating {hub_repo(args)} instead")
+    with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
+        print(f"downloading {hub_repo(args)} to validate it")
+        folder = hub.download_dataset(hub_repo(args), tmp, args.splits)
+        check_against_raw(args, folder, samples, f"{hub_repo(args)} (Hub)")
+
+
+def check_against_raw(args, target: Path, samples, name: str) -> None:
+    # options come from the manifest (or, without one, the image column's size): rows are
+    # recomputed the way they were made, not with this run's --size
     report = validate_dataset(target, samples, count=args.validate_samples, seed=args.seed)
-    print(f"validated {target} against {args.raw_dir} (float tolerance {FLOAT_TOLERANCE:g})")
+    print(f"validated {name} against {args.raw_dir} (float tolerance {FLOAT_TOLERANCE:g})")
     print(report.render())
     if not report.ok:
         raise UserError("validation failed: the dataset does not match its raw data")
@@ -176,8 +193,8 @@ def main(args) -> None:
         rate = stats["samples"] / stats["seconds"]
         print(f"throughput: {rate:.1f} samples/s ({rate / args.workers:.1f} per worker)")
     if token:
-        url = hub.push_dataset(args.output_dir, args.hf_repo, token)
-        print(f"pushed to {args.hf_repo}: {url}")
+        url = hub.push_dataset(args.output_dir, hub_repo(args), token)
+        print(f"pushed to {hub_repo(args)}: {url}")
 
 
 if __name__ == "__main__":

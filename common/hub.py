@@ -1,13 +1,13 @@
-"""HuggingFace Hub access for the preprocessed dataset: token check and resumable upload."""
+"""HuggingFace Hub access for the preprocessed dataset: token check, resumable upload, download."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from common.errors import ConfigurationError
+from common.errors import ConfigurationError, UserError
 from common.io import retry_with_backoff
-from common.schema import STATE_DIR
+from common.schema import DATA_DIR, MANIFEST_NAME, STATE_DIR, split_of_shard, split_shard_pattern
 
 # Resume bookkeeping and writer temporaries stay local.
 UPLOAD_IGNORE = [f"{STATE_DIR}/*", "**/.tmp-*", ".tmp-*"]
@@ -26,18 +26,38 @@ def require_hf_token() -> str:
     return token
 
 
-def make_hub_api(token: str):
-    """The HfApi client (a seam: tests substitute a recording stand-in for the network part)."""
+def make_hub_api(token: str | None):
+    """The HfApi client (a seam: tests substitute a recording stand-in for the network part).
+
+    ``None`` uses the stored login if there is one; public datasets download without it.
+    """
     from huggingface_hub import HfApi
 
     return HfApi(token=token)
+
+
+def local_splits(folder: str | os.PathLike) -> list[str]:
+    """The splits that have shards in a local dataset folder."""
+    names = (path.name for path in (Path(folder) / DATA_DIR).glob("*.parquet"))
+    return sorted({split for split in map(split_of_shard, names) if split})
+
+
+def stale_shard_patterns(folder: str | os.PathLike) -> list[str] | None:
+    """``delete_patterns`` that drop every remote shard of the splits ``folder`` holds.
+
+    ``upload_folder`` keeps remote files that the same commit uploads, so these patterns remove
+    exactly the shards a new shard count no longer names (a 3-shard split pushed again as 2 would
+    otherwise keep its old third shard and serve its rows twice). Other splits and files stay.
+    """
+    return [split_shard_pattern(split) for split in local_splits(folder)] or None
 
 
 def push_dataset(folder: str | os.PathLike, repo_id: str, token: str, attempts: int = 5, api=None) -> str:
     """Upload a dataset folder to a Hub dataset repo; returns the commit URL.
 
     ``upload_folder`` skips files already committed and deduplicates uploaded chunks, so each
-    retry (and a rerun after an interruption) resumes rather than starts over.
+    retry (and a rerun after an interruption) resumes rather than starts over. The commit also
+    removes remote shards of the pushed splits that the folder no longer has.
     """
     api = api or make_hub_api(token)
     folder = Path(folder)
@@ -52,6 +72,7 @@ def push_dataset(folder: str | os.PathLike, repo_id: str, token: str, attempts: 
             folder_path=str(folder),
             repo_type="dataset",
             ignore_patterns=UPLOAD_IGNORE,
+            delete_patterns=stale_shard_patterns(folder),
             commit_message="Upload preprocessed OpenEDS shards",
         ),
         attempts=attempts,
@@ -60,13 +81,17 @@ def push_dataset(folder: str | os.PathLike, repo_id: str, token: str, attempts: 
     return str(getattr(commit, "commit_url", commit))
 
 
-def download_dataset(repo_id: str, dest: str | os.PathLike, splits: list[str]) -> Path:
-    """Fetch a Hub dataset's manifest and the shards of ``splits`` into ``dest`` (Hub layout)."""
-    from huggingface_hub import snapshot_download
-
-    patterns = ["manifest.json", "README.md"] + [f"data/{split}-*.parquet" for split in splits]
-    path = retry_with_backoff(
-        lambda: snapshot_download(repo_id, repo_type="dataset", local_dir=str(dest), allow_patterns=patterns),
-        describe=f"downloading {repo_id}",
-    )
+def download_dataset(repo_id: str, dest: str | os.PathLike, splits: list[str], api=None) -> Path:
+    """Fetch a Hub dataset's manifest, card and the shards of ``splits`` into ``dest`` (Hub layout)."""
+    api = api or make_hub_api(None)
+    patterns = [MANIFEST_NAME, "README.md"] + [split_shard_pattern(split) for split in splits]
+    try:
+        path = retry_with_backoff(
+            lambda: api.snapshot_download(repo_id, repo_type="dataset", local_dir=str(dest),
+                                          allow_patterns=patterns),
+            describe=f"downloading {repo_id}",
+        )
+    except Exception as exc:  # after the retries: a missing repo, no network, no access
+        reason = f"{exc.__class__.__name__}: {exc}"
+        raise UserError(f"could not download dataset {repo_id} from the Hub: {reason}") from None
     return Path(path)

@@ -10,6 +10,8 @@ Layout of a dataset folder (identical locally and on the HuggingFace Hub):
 
 from __future__ import annotations
 
+import re
+
 from datasets import Array2D, Array3D, Features, Value
 
 DEFAULT_SIZE = (400, 640)  # (H, W) of OpenEDS frames
@@ -18,6 +20,11 @@ DATA_DIR = "data"
 STATE_DIR = ".shards"
 MANIFEST_NAME = "manifest.json"
 SCALAR_COLUMNS = ("cx", "cy", "rx", "ry", "angle")
+# Columns we add to the published dataset's schema: a dataset written by the original lacks them.
+EXTRA_COLUMNS = ("angle",)
+_FIVE_DIGITS = "[0-9]" * 5
+# Split names on the Hub are word characters (with dots), so "-" ends the split in a shard name.
+_SHARD_NAME = re.compile(r"(?P<split>\w+(?:\.\w+)*)-\d{5}-of-\d{5}\.parquet")
 
 
 def dataset_features(height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1]) -> Features:
@@ -41,7 +48,22 @@ def image_size_of(features: Features) -> tuple[int, int]:
 
 
 def shard_name(split: str, index: int, count: int) -> str:
+    """The name ``datasets``' push_to_hub also gives shards, so ours replace the original's in place."""
     return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def split_shard_pattern(split: str) -> str:
+    """Glob (fnmatch, as the Hub matches it) of every shard of ``split`` under data/, whatever the count.
+
+    The trailing ``*`` also takes the fingerprint that datasets before 2.15 appended to the names.
+    """
+    return f"{DATA_DIR}/{split}-{_FIVE_DIGITS}-of-{_FIVE_DIGITS}*.parquet"
+
+
+def split_of_shard(name: str) -> str | None:
+    """The split of a shard file name, or None when the name is not a shard's."""
+    match = _SHARD_NAME.fullmatch(name)
+    return match["split"] if match else None
 
 
 def dataset_card(splits: list[str], height: int, width: int, source: str) -> str:

@@ -4,6 +4,10 @@ Tolerances: uint8, bool and string columns must match exactly. Float columns are
 maximum absolute difference: ``FLOAT_TOLERANCE`` for the maps and normalized ellipse values
 (float32 rounding of identical computations is exact; the margin absorbs OpenCV builds whose
 distance transform or ellipse fit differ in the last bits), ``ANGLE_TOLERANCE`` degrees for the angle.
+
+A dataset written by the original precompute (the published ``Conner/sddec25-01``) has no
+``angle`` column and no manifest: only the columns it stores are compared, and its rows are
+recomputed at the size its ``image`` column declares.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from datasets import Dataset, Features
 from common.pipeline import SampleOptions, load_row
 from common.preprocess import SkipSample
 from common.raw_sources import RawSample
-from common.schema import DATA_DIR, MANIFEST_NAME, dataset_features, image_size_of
+from common.schema import DATA_DIR, EXTRA_COLUMNS, MANIFEST_NAME, dataset_features, image_size_of
 
 FLOAT_TOLERANCE = 1e-5
 ANGLE_TOLERANCE = 1e-3
@@ -45,6 +49,7 @@ class ValidationReport:
     schema_errors: list[str] = field(default_factory=list)
     row_errors: list[str] = field(default_factory=list)
     columns: dict[str, ColumnCheck] = field(default_factory=dict)
+    not_stored: set[str] = field(default_factory=set)  # extra columns the dataset lacks; not compared
 
     @property
     def ok(self) -> bool:
@@ -60,22 +65,29 @@ class ValidationReport:
             tol = tolerance_for(name)
             lines.append(f"{name:<15} {check.rows:>5}  {check.max_diff:>10.3g}  {tol:>10.3g}  {status}")
             lines.extend(f"    {failure}" for failure in check.failures[:5])
+        for name in sorted(self.not_stored):
+            lines.append(f"{name:<15} not stored by this dataset; not compared")
         lines.extend(f"schema: {error}" for error in self.schema_errors)
         lines.extend(f"row: {error}" for error in self.row_errors)
         lines.append("RESULT: " + ("all checked rows match" if self.ok else "FAILED"))
         return "\n".join(lines)
 
 
-def check_schema(features: Features, report: ValidationReport) -> tuple[int, int]:
-    """Compare a shard's declared Features with the expected schema for its image size."""
+def check_schema(features: Features, report: ValidationReport) -> tuple[int, int] | None:
+    """Compare a shard's declared Features with the expected schema for its image size.
+
+    Returns the (H, W) of the ``image`` column, or None when there is none to recompute against.
+    """
     try:
         size = image_size_of(features)
     except (KeyError, AttributeError):
         report.schema_errors.append(f"no Array2D 'image' column; columns are {list(features)}")
-        return (0, 0)
+        return None
     expected = dataset_features(*size)
     for name in sorted(set(expected) | set(features)):
-        if features.get(name) != expected.get(name):
+        if name in EXTRA_COLUMNS and name not in features:
+            report.not_stored.add(name)
+        elif features.get(name) != expected.get(name):
             report.schema_errors.append(f"{name}: found {features.get(name)}, expected {expected.get(name)}")
     return size
 
@@ -121,25 +133,36 @@ def validate_split(files, raw: dict[str, RawSample], options, count, rng, report
             report.row_errors.append(f"{filename}: raw sample is now skipped ({exc})")
             continue
         for name in fresh:
-            _compare(name, stored.get(name), fresh[name], report.columns.setdefault(name, ColumnCheck()), filename)
+            if name in stored:  # a missing required column is already a schema error
+                check = report.columns.setdefault(name, ColumnCheck())
+                _compare(name, stored[name], fresh[name], check, filename)
+
+
+def saved_options(root: Path) -> SampleOptions | None:
+    """The options a dataset was made with, from our manifest; None for a dataset without one."""
+    path = root / MANIFEST_NAME
+    record = json.loads(path.read_text()).get("options") if path.exists() else None
+    return SampleOptions.from_record(record) if record else None
 
 
 def validate_dataset(root, raw_by_split: dict[str, list[RawSample]], count: int = 20, seed: int = 0,
                      options: SampleOptions | None = None) -> ValidationReport:
     """Validate a local dataset folder (Hub datasets are downloaded to one first)."""
     root, report, rng = Path(root), ValidationReport(), random.Random(seed)
-    manifest_path = root / MANIFEST_NAME
-    if options is None and manifest_path.exists():
-        saved = json.loads(manifest_path.read_text()).get("options", {})
-        options = SampleOptions.from_record(saved)
-    options = options or SampleOptions()
+    options = options or saved_options(root)
     for split, samples in raw_by_split.items():
         files = sorted((root / DATA_DIR).glob(f"{split}-*.parquet"))
         if not files:
             report.schema_errors.append(f"split '{split}' has no shards under {root / DATA_DIR}")
             continue
-        features = Features.from_arrow_schema(pq.read_schema(files[0]))
-        if check_schema(features, report) != (options.height, options.width):
-            report.schema_errors.append(f"split '{split}': image size differs from {options.height}x{options.width}")
-        validate_split(files, {s.name: s for s in samples}, options, count, rng, report)
+        size = check_schema(Features.from_arrow_schema(pq.read_schema(files[0])), report)
+        if size is None:
+            continue
+        # without a manifest (the original's output) rows are recomputed at the stored frame size
+        split_options = options or SampleOptions(height=size[0], width=size[1])
+        if size != (split_options.height, split_options.width):
+            report.schema_errors.append(
+                f"split '{split}': image size {size[0]}x{size[1]} differs from the expected "
+                f"{split_options.height}x{split_options.width}")
+        validate_split(files, {s.name: s for s in samples}, split_options, count, rng, report)
     return report

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import cv2
@@ -16,8 +17,9 @@ import pytest
 
 import precompute
 from common import hub, preprocess
-from common.schema import dataset_features
+from common.schema import dataset_features, split_of_shard, split_shard_pattern
 from tests.helpers import load_output
+from tests.hub_standin import RecordingHfApi
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,12 +104,7 @@ def test_validate_passes_then_fails_on_tampered_shard(synthetic40, tmp_path):
     good = run_cli(*args)
     assert good.returncode == 0, good.stdout + good.stderr
     assert "all checked rows match" in good.stdout
-    shard = sorted((copy / "data").glob("train-*.parquet"))[0]
-    table = pq.read_table(shard)
-    cx = table.column("cx").to_numpy().copy()
-    cx[0] += 0.01  # 6.4 px: a silent corruption of one ellipse target
-    table = table.set_column(table.schema.get_field_index("cx"), "cx", [cx.astype(np.float32)])
-    pq.write_table(table, shard)
+    _tamper_cx(sorted((copy / "data").glob("train-*.parquet"))[0])
     bad = run_cli(*args)
     assert bad.returncode != 0
     assert "MISMATCH" in bad.stdout and "validation failed" in bad.stderr
@@ -234,27 +231,6 @@ def test_missing_hf_token_exit_2_before_work(tmp_path):
     assert not out.exists() and not (tmp_path / "raw").exists()
 
 
-class RecordingHfApi:
-    """Stand-in for huggingface_hub.HfApi: records calls, fails the first upload like a dropped link."""
-
-    def __init__(self):
-        self.calls = []
-        self.failures_left = 1
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-        if self.failures_left:
-            self.failures_left -= 1
-            raise ConnectionError("connection reset by peer")
-        files = sorted(str(p.relative_to(kwargs["folder_path"])) for p in Path(kwargs["folder_path"]).rglob("*")
-                       if p.is_file())
-        self.uploaded = files
-        return type("Commit", (), {"commit_url": f"https://hub.invalid/{kwargs['repo_id']}/commit/1"})()
-
-
 def test_push_uploads_folder_with_retry(synthetic40, tmp_path, monkeypatch, capsys):
     raw, out, _ = synthetic40
     copy = tmp_path / "out"
@@ -274,8 +250,106 @@ def test_push_uploads_folder_with_retry(synthetic40, tmp_path, monkeypatch, caps
     upload = api.calls[-1][2]
     assert upload["repo_type"] == "dataset" and Path(upload["folder_path"]) == copy
     assert ".shards/*" in upload["ignore_patterns"]
+    assert upload["delete_patterns"] == [split_shard_pattern("train"), split_shard_pattern("validation")]
     assert "manifest.json" in api.uploaded and any(f.startswith("data/train-") for f in api.uploaded)
     assert "pushed to team/eyes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path, split", [
+    ("data/train-00002-of-00003.parquet", "train"),  # datasets 4 push_to_hub, and ours
+    ("data/train-00000-of-00001-5b3a2d1e0f9c8a7b.parquet", "train"),  # older push_to_hub
+    ("data/validation-00000-of-00002.parquet", "validation"),
+    ("data/train.clean-00000-of-00001.parquet", "train.clean"),
+])
+def test_shard_patterns_match_only_their_split(path, split):
+    matches = [s for s in ("train", "validation", "train.clean") if fnmatchcase(path, split_shard_pattern(s))]
+    assert matches == [split]
+    others = ("README.md", "manifest.json", "data/x-train-00000-of-00001.parquet", f"data/{split}.parquet")
+    assert not [other for other in others if fnmatchcase(other, split_shard_pattern(split))]
+
+
+def test_split_of_shard_reads_our_shard_names():
+    assert split_of_shard("validation-00001-of-00002.parquet") == "validation"
+    assert split_of_shard(".tmp-123-train-00000-of-00001.parquet") is None  # a writer's temporary
+    assert split_of_shard("other.parquet") is None
+
+
+def _push(raw, out, api, shard_size, repo="team/eyes"):
+    args = precompute.get_args_parser().parse_args(
+        ["--skip-download", "--raw-dir", str(raw), "--output-dir", str(out), "--hf-repo", repo,
+         "--shard-size", str(shard_size), "--workers", "1"])
+    precompute.main(args)
+    return {f for f in api.remote_files(repo) if f.startswith("data/")}
+
+
+def test_push_with_fewer_shards_removes_the_stale_ones(synthetic40, tmp_path, monkeypatch):
+    raw, out, _ = synthetic40
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    api = RecordingHfApi(tmp_path / "hub", failures_left=0)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
+    remote = api.repo_dir("team/eyes")
+    (remote / "data").mkdir(parents=True)
+    foreign = ["data/test-00000-of-00001.parquet", "notes.txt", ".gitattributes"]  # not ours to delete
+    for name in foreign:
+        shutil.copyfile(next((copy / "data").glob("validation-*.parquet")), remote / name)
+    first = _push(raw, copy, api, shard_size=8)
+    assert len([f for f in first if f.startswith("data/train-")]) == 4
+    second = _push(raw, copy, api, shard_size=16)
+    local = {f"data/{p.name}" for p in (copy / "data").glob("*.parquet")}
+    assert {f for f in second if f.startswith("data/train-")} == {"data/train-00000-of-00002.parquet",
+                                                                  "data/train-00001-of-00002.parquet"}
+    assert second == local | {"data/test-00000-of-00001.parquet"}
+    assert set(foreign) <= api.remote_files("team/eyes")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    served = load_output(remote)  # what a user of the Hub dataset gets: each row once
+    assert {split: ds.num_rows for split, ds in served.items()} == {
+        split: counts["rows"] for split, counts in manifest["splits"].items()}
+
+
+def _tamper_cx(shard):
+    table = pq.read_table(shard)
+    cx = table.column("cx").to_numpy().copy()
+    cx[0] += 0.01  # 6.4 px: a silent corruption of one ellipse target
+    pq.write_table(table.set_column(table.schema.get_field_index("cx"), "cx", [cx.astype(np.float32)]), shard)
+
+
+def test_validate_with_explicit_hf_repo_checks_the_hub_copy(synthetic40, tmp_path, monkeypatch, capsys):
+    raw, out, _ = synthetic40
+    api = RecordingHfApi(tmp_path / "hub")
+    shutil.copytree(out, api.repo_dir("team/eyes"), ignore=shutil.ignore_patterns(".shards"))
+    local = tmp_path / "local"  # a broken local output that happens to exist
+    shutil.copytree(out, local)
+    _tamper_cx(sorted((local / "data").glob("train-*.parquet"))[0])
+    monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
+    common = ["--validate", "--skip-download", "--raw-dir", str(raw), "--output-dir", str(local),
+              "--validate-samples", "50"]
+    precompute.main(precompute.get_args_parser().parse_args(common + ["--hf-repo", "team/eyes"]))
+    stdout = capsys.readouterr().out
+    assert "validated team/eyes (Hub)" in stdout and "all checked rows match" in stdout
+    assert [call[:2] for call in api.calls] == [("snapshot_download", "team/eyes")]
+    with pytest.raises(SystemExit) as failed:  # without --hf-repo the local folder is checked
+        precompute.main(precompute.get_args_parser().parse_args(common))
+    assert failed.value.code == 1
+    captured = capsys.readouterr()
+    assert f"validated {local}" in captured.out and "MISMATCH" in captured.out
+    assert "validation failed" in captured.err
+    assert len(api.calls) == 1
+
+
+def test_validate_of_a_missing_hub_repo_is_one_clean_error(synthetic40, tmp_path, monkeypatch, capsys):
+    raw, _, _ = synthetic40
+    api = RecordingHfApi(tmp_path / "hub")
+    monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
+    monkeypatch.setattr("common.io.time.sleep", lambda seconds: None)
+    args = precompute.get_args_parser().parse_args(
+        ["--validate", "--skip-download", "--raw-dir", str(raw), "--output-dir", str(tmp_path / "none"),
+         "--hf-repo", "team/missing"])
+    with pytest.raises(SystemExit) as failed:
+        precompute.main(args)
+    assert failed.value.code == 1
+    assert "could not download dataset team/missing from the Hub" in capsys.readouterr().err
 
 
 def test_kaggle_download_finds_nested_splits(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from common.preprocess import Ellipse, Letterbox, ellipse_to_pixels, fit_ellipse
 from common.schema import dataset_features
 from common.synthetic import render_sample
 from tests.helpers import load_output
-from tests.test_precompute import RecordingHfApi
+from tests.hub_standin import RecordingHfApi
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_SIZE = (270, 480)  # a 16:9 webcam crop: letterboxed into 240x320 as 180x320 + 30 px bands
