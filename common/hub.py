@@ -85,6 +85,8 @@ def download_dataset(repo_id: str, dest: str | os.PathLike, splits: list[str], a
     """Fetch a Hub dataset's manifest, card and the shards of ``splits`` into ``dest`` (Hub layout)."""
     api = api or make_hub_api(None)
     patterns = [MANIFEST_NAME, "README.md"] + [split_shard_pattern(split) for split in splits]
+    # The older layout of Conner/openeds-precomputed: one folder per split (data/train/shard_00000.parquet).
+    patterns += [f"{DATA_DIR}/{split}/*.parquet" for split in splits]
     try:
         path = retry_with_backoff(
             lambda: api.snapshot_download(repo_id, repo_type="dataset", local_dir=str(dest),

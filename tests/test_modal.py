@@ -224,6 +224,24 @@ def test_hub_dataset_is_downloaded_once_into_the_volume(tmp_path):
     assert not (tmp_path / ".staging" / "run-1").exists()
 
 
+def test_volume_download_takes_both_shard_layouts_from_the_hub(tmp_path):
+    from common import hub
+    from tests.hub_standin import RecordingHfApi
+
+    api = RecordingHfApi(tmp_path / "hub")
+    for name in ("data/train/shard_00000.parquet", "data/validation/shard_00000.parquet",  # older layout
+                 "data/train-00000-of-00001.parquet", "manifest.json", "notes/extra.bin"):
+        (api.repo_dir("team/old") / name).parent.mkdir(parents=True, exist_ok=True)
+        (api.repo_dir("team/old") / name).write_bytes(b"x")
+    def download(repo, dest):
+        return hub.download_dataset(repo, dest, ["train", "validation"], api=api)
+
+    path = cloud.volume_dataset("team/old", tmp_path / "volume", "r1", download=download)
+    got = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert got == {"data/train/shard_00000.parquet", "data/validation/shard_00000.parquet",
+                   "data/train-00000-of-00001.parquet", "manifest.json", ".complete.json"}
+
+
 def test_a_run_that_loses_the_download_race_keeps_the_winners_copy(tmp_path):
     def slow_download(repo, dest):
         (dest / "data").mkdir(parents=True)
