@@ -35,25 +35,52 @@ def write_history(out_dir: Path, history: list[dict]) -> None:
     atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
 
 
+def _loss_panel(axis, epochs, history: list[dict]) -> None:
+    """Total loss of both splits (solid) and the train loss terms (ce, dice, surface, ...; dashed)."""
+    for split in ("train", "valid"):
+        axis.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=f"{split} loss")
+    terms = [key for key in history[0] if key.endswith("_loss") and key not in ("train_loss", "valid_loss")]
+    for key in terms:
+        axis.plot(epochs, [row[key] for row in history], linestyle="--", label=key.removesuffix("_loss"))
+    axis.set_title("loss (terms: train)")
+
+
+def _iou_panel(axis, epochs, history: list[dict]) -> None:
+    """mIoU solid, pupil IoU dashed, background IoU dotted; one colour per split."""
+    for split in ("train", "valid"):
+        line, = axis.plot(epochs, [row[f"{split}_iou"] for row in history], marker="o", label=f"{split} mIoU")
+        for name, style in (("pupil", "--"), ("background", ":")):
+            if f"{split}_{name}_iou" in history[0]:
+                axis.plot(epochs, [row[f"{split}_{name}_iou"] for row in history], linestyle=style,
+                          color=line.get_color(), label=f"{split} {name}")
+    axis.set_title("mIoU (solid), pupil (dashed), background (dotted)")
+
+
+def _error_panel(axis, epochs, history: list[dict]) -> None:
+    """The ellipse regressor's centre and radius errors in pixels."""
+    for key in [k for k in history[0] if k.endswith("_error_px")]:
+        axis.plot(epochs, [row[key] for row in history], marker="o", label=key.removesuffix("_px"))
+    axis.set_title("ellipse errors (px)")
+
+
 def plot_curves(out_dir: Path, history: list[dict], name: str = "training_curves.png") -> Path:
-    """Loss and IoU curves of train vs valid per epoch, as a PNG (mIoU solid, pupil IoU dashed)."""
+    """Per-epoch curves as a PNG: losses and their terms, mIoU with per-class IoU, and the
+    ellipse errors when the run has them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for axis, metric, title in zip(axes, ("loss", "iou"), ("loss", "mIoU (solid), pupil IoU (dashed)")):
-        for split in ("train", "valid"):
-            line, = axis.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o", label=split)
-            if metric == "iou" and f"{split}_pupil_iou" in history[0]:
-                axis.plot(epochs, [row[f"{split}_pupil_iou"] for row in history], linestyle="--",
-                          color=line.get_color())
+    panels = [_loss_panel, _iou_panel]
+    if any(key.endswith("_error_px") for key in history[0]):
+        panels.append(_error_panel)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for axis, draw in zip(axes, panels):
+        draw(axis, epochs, history)
         axis.set_xlabel("epoch")
-        axis.set_title(title)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7)
     figure.tight_layout()
     path = out_dir / name
     with atomic_path(path) as tmp:
