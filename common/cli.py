@@ -46,6 +46,14 @@ def parse_frame_size(values: list[str]) -> tuple[int, int] | str:
     return height, width
 
 
+def positive_int(text: str) -> int:
+    """argparse type for sizes: a positive integer."""
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
 def training_parser(description: str, defaults: dict | None = None, add_help: bool = True):
     """The flags every training script shares (torchvision reference-script style).
 
@@ -59,9 +67,16 @@ def training_parser(description: str, defaults: dict | None = None, add_help: bo
     data.add_argument("--demo-samples", default=DEMO_SAMPLES, type=int, help="size of the --demo dataset")
     data.add_argument("--demo-size", nargs=2, type=int, default=[400, 640], metavar=("H", "W"),
                       help="frame size of the --demo dataset")
-    data.add_argument("--dataset", type=str, help="a local precompute.py output folder")
+    data.add_argument("--dataset", type=str,
+                      help="a local dataset folder (precompute.py output, or data/{split}/*.parquet shards)")
     data.add_argument("--hf-repo", default=DEFAULT_HF_REPO, help="Hub dataset (used without --demo/--dataset)")
     data.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="cache for Hub and demo data")
+    data.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"),
+                      help="frame size for datasets that store frames as flat lists (default: the dataset's "
+                           "manifest or card, else 400 640)")
+    data.add_argument("--preprocessed", choices=("auto", "yes", "no"), default="auto",
+                      help="whether stored frames already carry gamma + CLAHE: auto reads the dataset's "
+                           "preprocessed (or image_preprocessed) column, absent = no; yes/no override it")
     data.add_argument("--num-workers", default=2, type=int, help="DataLoader worker processes")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", default=10, type=int)

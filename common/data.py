@@ -3,13 +3,16 @@
 Sources (chosen by ``resolve_source``):
     --demo             the embedded synthetic dataset, generated once through the real precompute
                        pipeline into ``<data-dir>/demo-<n>-<seed>`` and reused afterwards;
-    --dataset PATH     a local precompute output (Hub layout: data/{split}-*.parquet);
+    --dataset PATH     a local dataset folder: a precompute output (data/{split}-*.parquet) or the
+                       original's layout (data/{split}/shard_NNNNN.parquet);
     --hf-repo REPO     a Hub dataset, downloaded once into ``<data-dir>/hub`` and then read from that
                        cache, with no network, also under HF_HUB_OFFLINE=1.
 
-Rows are read in batches straight from Arrow (per-row access and ``with_format("numpy")`` are slow
-and upcast uint8), on DataLoader worker processes. Each batch is a dict of CPU tensors:
-    image (B, H, W) uint8, label (B, H, W) uint8, spatial_weights (B, H, W) float32,
+How stored columns are read (flat lists, 4-class labels, missing targets, the preprocessed flag) is
+decided once per dataset by ``common.layout.detect_layout``. Rows are read in batches straight from
+Arrow (per-row access and ``with_format("numpy")`` are slow and upcast uint8), on DataLoader worker
+processes. Each batch is a dict of CPU tensors, with the targets the task asks for:
+    image (B, H, W) uint8, label (B, H, W) uint8 0/1, spatial_weights (B, H, W) float32,
     dist_map (B, 2, H, W) float32, ellipse (B, 4) float32 (cx, cy, rx, ry)
 ``to_device`` moves it (non_blocking from pinned memory) and turns the image into the model input.
 """
@@ -28,17 +31,18 @@ from datasets import DatasetDict, load_dataset
 
 from common.defaults import DEMO_SAMPLES, DEMO_SEED
 from common.errors import UserError
+from common.layout import ELLIPSE_COLUMNS, DatasetLayout, detect_layout, read_frames
 from common.preprocess import (
     INPUT_SCALE,
     binarize_pupil,
     distance_maps,
     enhance_frame,
     preprocessing_params,
+    pupil_ellipse,
     spatial_weights,
 )
 from common.schema import DATA_DIR, MANIFEST_NAME, SIZE_MULTIPLE
 
-ELLIPSE_COLUMNS = ("cx", "cy", "rx", "ry")
 TRAIN_SPLIT, VALID_SPLIT = "train", "validation"
 
 
@@ -88,7 +92,8 @@ def hub_snapshot(repo_id: str, data_dir: Path) -> Path:
 
     try:
         path = snapshot_download(repo_id, repo_type="dataset", cache_dir=str(data_dir / "hub"),
-                                 allow_patterns=[f"{DATA_DIR}/*.parquet", "*.json", "README.md"])
+                                 allow_patterns=[f"{DATA_DIR}/*.parquet", f"{DATA_DIR}/*/*.parquet", "*.json",
+                                                 "README.md"])
     except LocalEntryNotFoundError as exc:
         raise UserError(
             f"dataset {repo_id} is not in the cache {data_dir / 'hub'} and cannot be downloaded "
@@ -104,10 +109,15 @@ def resolve_source(args) -> Path:
         return ensure_demo_dataset(data_dir, args.demo_samples, DEMO_SEED, tuple(args.demo_size))
     if getattr(args, "dataset", None):
         path = Path(args.dataset).expanduser()
-        if not any((path / DATA_DIR).glob("*.parquet")):
+        if not _shards(path):
             raise UserError(f"{path} holds no parquet shards under {DATA_DIR}/; run precompute.py first")
         return path
     return hub_snapshot(args.hf_repo, data_dir)
+
+
+def _shards(path: Path) -> list[Path]:
+    """Every parquet file under data/: ours at the top, the original's in per-split folders."""
+    return sorted((path / DATA_DIR).rglob("*.parquet"))
 
 
 def source_fingerprint(path: Path) -> str:
@@ -118,16 +128,40 @@ def source_fingerprint(path: Path) -> str:
     Keying our cache directory by this fingerprint keeps every source (and every rewrite) apart.
     """
     digest = hashlib.sha1(str(path.resolve()).encode())
-    for shard in sorted((path / DATA_DIR).glob("*.parquet")):
+    for shard in _shards(path):
         stat = shard.stat()
-        digest.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        name = shard.relative_to(path / DATA_DIR).as_posix()
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
+def split_files(path: Path) -> dict[str, list[str]]:
+    """Parquet files per split: data/{split}-NNNNN-of-NNNNN.parquet (ours) or data/{split}/*.parquet."""
+    files = {}
+    for split in (TRAIN_SPLIT, VALID_SPLIT):
+        ours = sorted((path / DATA_DIR).glob(f"{split}-*.parquet"))
+        found = ours + sorted((path / DATA_DIR / split).glob("*.parquet"))
+        if found:
+            files[split] = [str(f) for f in found]
+    return files
+
+
 def load_splits(path: Path, data_dir: Path) -> DatasetDict:
-    """Load train and validation splits of a dataset folder (Arrow cache under data_dir)."""
-    cache = data_dir / "datasets" / source_fingerprint(path)
-    dataset = load_dataset(str(path), cache_dir=str(cache))
+    """Load train and validation splits of a dataset folder (Arrow cache under data_dir).
+
+    A card whose YAML lists ``configs`` says where the splits are; without one the files are
+    given explicitly, so a folder without a card loads the same whichever layout it has.
+    """
+    cache = str(data_dir / "datasets" / source_fingerprint(path))
+    card = path / "README.md"
+    if card.is_file() and "configs:" in card.read_text(errors="replace"):
+        dataset = load_dataset(str(path), cache_dir=cache)
+    else:
+        files = split_files(path)
+        if not files:
+            raise UserError(f"{path} has no {DATA_DIR}/{{split}}-*.parquet or "
+                            f"{DATA_DIR}/{{split}}/*.parquet files")
+        dataset = load_dataset("parquet", data_files=files, cache_dir=cache)
     missing = [s for s in (TRAIN_SPLIT, VALID_SPLIT) if s not in dataset]
     if missing:
         raise UserError(f"dataset {path} has no {' or '.join(missing)} split (found {sorted(dataset)})")
@@ -135,44 +169,55 @@ def load_splits(path: Path, data_dir: Path) -> DatasetDict:
 
 
 # ----------------------------------------------------------------------------- batches
-def _column(table, name: str) -> np.ndarray:
-    """One column of an Arrow batch as a writable numpy array (torch refuses read-only memory)."""
-    return np.require(table.column(name).combine_chunks().to_numpy(zero_copy_only=False), requirements="W")
+ALL_TARGETS = ("spatial_weights", "dist_map", "ellipse")
 
 
 class ArrowBatches(torch.utils.data.Dataset):
     """Indexed by a list of row indices; returns that batch as a dict of CPU tensors.
 
-    A legacy dataset (no ``preprocessed`` column, or False) gets gamma + CLAHE here, and any
-    loss target it lacks is computed from its mask with the shared preprocessing functions.
+    ``layout`` (``common.layout.detect_layout``, decided once per dataset) says how to read the
+    stored columns; ``targets`` names the targets the task needs besides image and label. A target
+    the layout does not store is computed from the mask with the shared preprocessing functions.
     """
 
-    def __init__(self, split):
+    def __init__(self, split, layout: DatasetLayout | None = None, targets: tuple[str, ...] = ALL_TARGETS):
         self.split = split
-        self.columns = set(split.column_names)
-        self.preprocessed = "preprocessed" in self.columns and bool(split[0]["preprocessed"])
-        self.image_size = tuple(split.features["image"].shape)
+        self.layout = layout or detect_layout(split)
+        self.targets = tuple(targets)
+
+    @property
+    def preprocessed(self) -> bool:
+        return self.layout.preprocessed
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.layout.image_size
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         table = self.split.with_format("arrow")[list(indices)]
-        image, label = _column(table, "image"), _column(table, "label")
-        if not self.preprocessed:
+        image = read_frames(table, "image", self.layout)  # (B, H, W) uint8
+        label = read_frames(table, "label", self.layout).astype(np.uint8, copy=False)  # (B, H, W)
+        if not self.layout.preprocessed:
             image = np.stack([enhance_frame(frame) for frame in image])
-        if label.max(initial=0) > 1:  # legacy 4-class labels
+        if self.layout.four_class:
             label = binarize_pupil(label)
         batch = {"image": torch.from_numpy(image), "label": torch.from_numpy(label)}
-        batch["spatial_weights"] = torch.from_numpy(self._target(table, "spatial_weights", label))
-        batch["dist_map"] = torch.from_numpy(self._target(table, "dist_map", label))
-        ellipse = np.stack([_column(table, c).astype(np.float32) for c in ELLIPSE_COLUMNS], axis=1)
-        batch["ellipse"] = torch.from_numpy(ellipse)
+        for name in self.targets:
+            batch[name] = torch.from_numpy(self._target(table, name, label))
         return batch
 
     def _target(self, table, name: str, label: np.ndarray) -> np.ndarray:
-        if name in self.columns:
-            return _column(table, name)
+        """Target ``name`` for the batch: stored, or computed from the 0/1 masks ``label`` (B, H, W)."""
+        if name == "ellipse":  # (B, 4) float32 cx, cy, rx, ry
+            if self.layout.has_ellipse:
+                columns = [table.column(c).to_numpy().astype(np.float32) for c in ELLIPSE_COLUMNS]
+                return np.stack(columns, axis=1)
+            return np.array([pupil_ellipse(mask).as_tuple()[:4] for mask in label], dtype=np.float32)
+        if name in self.layout.stored_targets:
+            return read_frames(table, name, self.layout).astype(np.float32, copy=False)
         compute = spatial_weights if name == "spatial_weights" else distance_maps
         return np.stack([compute(mask) for mask in label])
 
@@ -215,10 +260,12 @@ class Loaders:
     train: torch.utils.data.DataLoader
     valid: torch.utils.data.DataLoader
     image_size: tuple[int, int]
+    layout: DatasetLayout
 
 
-def make_loader(split, batch_size: int, shuffle: bool, seed: int, num_workers: int, pin_memory: bool):
-    dataset = ArrowBatches(split)
+def make_loader(split, layout: DatasetLayout, targets: tuple[str, ...], batch_size: int, shuffle: bool,
+                seed: int, num_workers: int, pin_memory: bool):
+    dataset = ArrowBatches(split, layout, targets)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
@@ -226,15 +273,35 @@ def make_loader(split, batch_size: int, shuffle: bool, seed: int, num_workers: i
     )
 
 
-def make_loaders(dataset: DatasetDict, args, pin_memory: bool) -> Loaders:
-    """Train/validation loaders; image sizes must be multiples of SIZE_MULTIPLE (the models' stride)."""
-    train = make_loader(dataset[TRAIN_SPLIT], args.batch_size, True, args.seed, args.num_workers, pin_memory)
-    valid = make_loader(dataset[VALID_SPLIT], args.batch_size, False, args.seed, args.num_workers, pin_memory)
-    size = train.dataset.image_size
+def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLayout | None = None,
+                 targets: tuple[str, ...] = ALL_TARGETS) -> Loaders:
+    """Train/validation loaders sharing one layout (detected here if not given).
+
+    Frames must be multiples of SIZE_MULTIPLE (the models' stride).
+    """
+    layout = layout or detect_layout(dataset, *_layout_flags(args))
+    size = layout.image_size
     if size[0] % SIZE_MULTIPLE or size[1] % SIZE_MULTIPLE:
         raise UserError(f"frames are {size[0]}x{size[1]}; the models need multiples of {SIZE_MULTIPLE} "
                         "(re-run precompute.py with --size H W --letterbox)")
-    return Loaders(train, valid, size)
+    shared = dict(layout=layout, targets=targets, batch_size=args.batch_size, seed=args.seed,
+                  num_workers=args.num_workers, pin_memory=pin_memory)
+    train = make_loader(dataset[TRAIN_SPLIT], shuffle=True, **shared)
+    valid = make_loader(dataset[VALID_SPLIT], shuffle=False, **shared)
+    return Loaders(train, valid, size, layout)
+
+
+def open_loaders(args, targets: tuple[str, ...], pin_memory: bool) -> tuple[Loaders, Path]:
+    """The loaders ``args`` asks for, with the layout detected once for the dataset; and its folder."""
+    source = resolve_source(args)
+    dataset = load_splits(source, Path(args.data_dir).expanduser())
+    layout = detect_layout(dataset, *_layout_flags(args), source=source)
+    return make_loaders(dataset, args, pin_memory, layout, targets), source
+
+
+def _layout_flags(args) -> tuple:
+    """(--size, --preprocessed) of ``args``; parsers that predate them mean (None, "auto")."""
+    return getattr(args, "size", None), getattr(args, "preprocessed", "auto")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict:

@@ -388,16 +388,17 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     """Resolve runtime and data, build (or resume) the model, start tracking."""
     from pathlib import Path
 
-    from common.data import load_splits, make_loaders, resolve_source
+    from common.data import open_loaders
     from common.history import write_run_config
-    from common.models import count_parameters
+    from common.models import count_parameters, model_task
+    from common.tasks import TASKS
     from common.tracking import Tracker
 
     runtime = setup_runtime(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = resolve_source(args)
-    loaders = make_loaders(load_splits(source, Path(args.data_dir).expanduser()), args, runtime.pin_memory)
+    targets = TASKS[model_task(spec.model_name)].targets  # what the batches must carry for this task
+    loaders, source = open_loaders(args, targets, runtime.pin_memory)
     model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
     state = resume_training(args.resume, model, optimizer, scheduler, stepper) if args.resume else TrainState()
     forward = prepare_model(model, runtime)
@@ -408,6 +409,7 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     print(f"{spec.model_type}: {count_parameters(model):,} parameters | {runtime.describe()}")
     print(f"data {source}: {len(loaders.train.dataset)} train / {len(loaders.valid.dataset)} valid "
           f"frames of {loaders.image_size[0]}x{loaders.image_size[1]}")
+    print(f"data layout: {loaders.layout.describe(targets)}")
     session = Session(args, spec, runtime, out_dir, loaders, model, forward, task, optimizer, scheduler,
                       stepper, tracker)
     return session, state

@@ -240,6 +240,15 @@ def fit_ellipse(mask: np.ndarray) -> Ellipse | None:
     return ellipse_from_pixels(center, axes, angle, height, width)
 
 
+def pupil_ellipse(mask: np.ndarray) -> Ellipse:
+    """The ellipse a dataset row stores for a 0/1 mask (H, W): ``fit_ellipse``, or all zeros if none.
+
+    Precompute and the loader (for datasets without ellipse columns) both call this, so an ellipse
+    computed at load time equals the one precompute would have written.
+    """
+    return fit_ellipse(mask) or EMPTY_ELLIPSE
+
+
 # ----------------------------------------------------------------------------- loss targets
 _CROSS = ndimage.generate_binary_structure(2, 1)  # 3x3 cross, 4-connected
 
@@ -306,7 +315,7 @@ def process_sample(
     if not mask.any() and not keep_empty:
         raise SkipSample("empty pupil mask")
     enhanced = enhance_frame(image)
-    ellipse = fit_ellipse(mask) or EMPTY_ELLIPSE
+    ellipse = pupil_ellipse(mask)
     return {
         "image": enhanced,
         "label": mask,

@@ -21,6 +21,7 @@ class SegmentationTask:
     """Logits (B, 2, H, W): CE + alpha * Dice + (1 - alpha) * surface; IoU from confusion counts."""
 
     name = "segmentation"
+    targets = ("spatial_weights", "dist_map")  # batch keys besides image/label; no ellipse needed
     loss_terms = ("loss", "ce", "dice", "surface")
     best_metric = "iou"  # validation mIoU picks the best checkpoint
 
@@ -51,6 +52,7 @@ class EllipseTask:
     """(B, 4) ellipse in (0, 1): SmoothL1 on centre and radii; errors in px and drawn-ellipse IoUs."""
 
     name = "ellipse"
+    targets = ("ellipse",)  # fitted to the mask at load time when the dataset stores none
     loss_terms = ("loss", "center", "radius")
     best_metric = "iou"  # mIoU of the drawn predicted ellipse with the pupil mask
 

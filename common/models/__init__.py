@@ -33,7 +33,8 @@ _REGISTRY = {
 
 __all__ = [
     "MODEL_NAMES", "ConvBN", "EllipseRegressionNet", "ShallowNet", "TinyEfficientViTSeg",
-    "build_model", "build_model_from_config", "count_parameters", "fuse_model", "model_config", "unwrap",
+    "build_model", "build_model_from_config", "count_parameters", "fuse_model", "model_config", "model_task",
+    "unwrap",
 ]
 
 
@@ -61,6 +62,13 @@ def build_model(name: str, **kwargs) -> nn.Module:
     model.model_kwargs = resolved
     model.task = task
     return model
+
+
+def model_task(name: str) -> str:
+    """The task ("segmentation" or "ellipse") of the registered model ``name``, without building it."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
+    return _REGISTRY[name][2]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
