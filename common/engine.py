@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.augment import augment_batch
 from common.data import to_device

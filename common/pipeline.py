@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 import pyarrow
 from datasets import Dataset
-from tqdm import tqdm
+from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.errors import UserError
 from common.folder_source import FolderImportError, FolderSample, MaskFormat, load_folder_sample

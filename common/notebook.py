@@ -1,0 +1,144 @@
+"""The Colab notebooks' steps. Each notebook cell calls one of these, so the notebooks carry no
+logic of their own: training is the engine's ``fit``, data the scripts' loaders, export the
+scripts' export. Figures are shown inline (and saved beside the run's other files)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import training_parser
+
+
+def notebook_args(spec, dataset: str, epochs: int, batch_size: int, image_size, output_dir: str):
+    """The training arguments a script would get: ``dataset`` is a local folder or a Hub repo."""
+    source = ["--dataset", dataset] if Path(dataset).expanduser().exists() else ["--hf-repo", dataset]
+    argv = [*source, "--epochs", str(epochs), "--batch-size", str(batch_size), "--output-dir", output_dir]
+    if image_size:
+        argv += ["--size", str(image_size[0]), str(image_size[1])]
+    return training_parser(spec.model_type).parse_args(argv)
+
+
+def _show(path: Path) -> None:
+    """Display a saved PNG inline in a notebook; print its path elsewhere."""
+    try:
+        from IPython.display import Image, display
+
+        display(Image(filename=str(path)))
+    except ImportError:
+        print(path)
+
+
+def data_overview(args, spec) -> None:
+    """Train/validation counts and the first validation frame with its pupil mask or ellipse."""
+    import cv2
+
+    from common.data import open_loaders
+    from common.inference import overlay
+    from common.io import atomic_path
+    from common.models import model_task
+    from common.preprocess import normalized_to_pixels
+    from common.tasks import TASKS
+
+    task = model_task(spec.model_name)
+    loaders, source = open_loaders(args, TASKS[task].targets, pin_memory=False)
+    print(f"{source}: {len(loaders.train.dataset)} train / {len(loaders.valid.dataset)} validation frames "
+          f"of {loaders.image_size[0]}x{loaders.image_size[1]}")
+    print(f"data layout: {loaders.layout.describe(TASKS[task].targets)}")
+    batch = loaders.valid.dataset[[0]]
+    frame, mask = batch["image"][0].numpy(), batch["label"][0].numpy()
+    ellipse = None
+    if task == "ellipse":  # the stored (cx, cy, rx, ry), drawn axis-aligned as the metrics do
+        x, y, a, b = normalized_to_pixels(*batch["ellipse"][0].tolist(), *frame.shape)
+        ellipse = ((x, y), (a, b), 0.0)
+    picture = overlay(frame, _Shown(mask, ellipse))
+    path = Path(args.output_dir) / "sample.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(cv2.imencode(".png", picture)[1].tobytes())
+    _show(path)
+
+
+class _Shown:
+    """The two fields of ``inference.Prediction`` that ``overlay`` draws: a mask and an ellipse."""
+
+    def __init__(self, mask: np.ndarray, ellipse):
+        self.mask, self._ellipse = mask, ellipse
+
+    def ellipse_pixels(self):
+        return self._ellipse
+
+
+def check_model(spec, limit: int | None, input_size=(400, 640)) -> torch.nn.Module:
+    """Build the model, print its size (asserting ``limit``) and check its output on one frame."""
+    from common.models import build_model, count_parameters
+
+    model = build_model(spec.model_name).eval()
+    parameters = count_parameters(model)
+    print(f"{spec.model_type}: {parameters:,} trainable parameters")
+    if limit is not None:
+        assert parameters < limit, f"{parameters:,} parameters, over the {limit:,} limit"
+    with torch.no_grad():
+        output = model(torch.zeros(1, 1, *input_size))  # (1, 1, H, W) in, as a camera frame
+    expected = (1, 4) if model.task == "ellipse" else (1, 2, *input_size)
+    assert tuple(output.shape) == expected, f"output {tuple(output.shape)}, expected {expected}"
+    print(f"output for a (1, 1, {input_size[0]}, {input_size[1]}) frame: {tuple(output.shape)}")
+    return model
+
+
+def show_curves(args) -> None:
+    _show(Path(args.output_dir) / "training_curves.png")
+
+
+def show_predictions(args, spec) -> Path:
+    """The best checkpoint on validation frames: true pupil and prediction overlaid."""
+    from common.checkpoint import load_model
+    from common.data import open_loaders
+    from common.engine import setup_runtime
+    from common.models import model_task
+    from common.pictures import save_predictions
+    from common.tasks import TASKS
+
+    task = model_task(spec.model_name)
+    runtime = setup_runtime(args)
+    loaders, _ = open_loaders(args, TASKS[task].targets, pin_memory=False)
+    model = load_model(Path(args.output_dir) / spec.best_name, device=runtime.device)
+    path = save_predictions(Path(args.output_dir) / "predictions_best.png", model, loaders.valid.dataset,
+                            task, runtime)
+    _show(path)
+    return path
+
+
+def final_report(args, spec) -> dict:
+    """Best and final validation metrics of the run, from its metrics.json."""
+    history = json.loads((Path(args.output_dir) / "metrics.json").read_text())
+    best = max(history, key=lambda row: row["valid_iou"])
+    keys = [key for key in history[-1] if key.startswith("valid_") and key != "valid_loss"]
+    print(f"{spec.model_type}, {len(history)} epochs")
+    for label, row in (("best", best), ("final", history[-1])):
+        values = ", ".join(f"{key.removeprefix('valid_')} {row[key]:.4f}" for key in keys)
+        print(f"  {label} (epoch {row['epoch']}): validation {values}")
+    return {"best": best, "final": history[-1]}
+
+
+def export_and_verify(args, spec, max_onnx_kb: float | None = None) -> tuple[Path, Path]:
+    """Export the best checkpoint to ONNX, check it with onnxruntime against PyTorch, show sizes."""
+    from common.checkpoint import load_checkpoint, load_model
+    from common.export import export_onnx, verify_onnx
+
+    out_dir = Path(args.output_dir)
+    pt_path = out_dir / spec.best_name
+    model = load_model(pt_path, device="cpu")
+    size = tuple(load_checkpoint(pt_path)["model_config"]["input_size"])  # the frame size it trained at
+    onnx_path = export_onnx(model, out_dir / spec.onnx_name, input_size=size)
+    difference = verify_onnx(model, onnx_path, batch=1, input_size=size)
+    onnx_kb = onnx_path.stat().st_size / 1024
+    print(f"{pt_path.name}: {pt_path.stat().st_size / 1024:.0f} KB")
+    print(f"{onnx_path.name}: {onnx_kb:.0f} KB, max |onnxruntime - torch| = {difference:.2e}")
+    if max_onnx_kb is not None:
+        assert onnx_kb < max_onnx_kb, f"ONNX file is {onnx_kb:.0f} KB, over {max_onnx_kb} KB"
+    return pt_path, onnx_path
+
