@@ -54,7 +54,7 @@ print(f"torch {torch.__version__}")
 DATASET = "Conner/sddec25-01"  # a Hub dataset repo, or a local precompute.py output folder
 EPOCHS = 10
 BATCH_SIZE = 16
-IMAGE_SIZE = (400, 640)  # (H, W) of the model check and of flattened frames without a stored shape
+IMAGE_SIZE = None  # (H, W) of frames stored as flat lists; None: from the dataset (OpenEDS: 400x640)
 OUTPUT_DIR = "checkpoints"
 
 # %%
