@@ -1,8 +1,10 @@
 """Train TinyEfficientViTSeg (< 60k parameters) for pupil segmentation on this machine.
 
 Saves, in --output-dir: best_efficientvit_model.pt (best validation mIoU, the mean of background
-and pupil IoU), an efficientvit_model_epoch_{n}_miou_{miou}.pt on every improvement, last_efficientvit_model.pt
-(for --resume), best_efficientvit_model.onnx, args.json, metrics.csv/json, training_curves.png.
+and pupil IoU), an efficientvit_model_epoch_{n}_miou_{miou}.pt on every improvement,
+last_efficientvit_model.pt (for --resume), best_efficientvit_model.onnx, args.json,
+metrics.csv/json, training_curves.png, and predictions_epoch_{n}.png (validation frames with the
+true and predicted pupil) every 5 epochs and at the last one.
 MLflow logging is on when MLFLOW_TRACKING_URI is set.
 
 Examples:

@@ -1,9 +1,11 @@
 """Train TinyEfficientViT-Micro (< 10k parameters) for pupil segmentation on this machine.
 
 Saves, in --output-dir: best_efficientvit_tiny_model.pt (best validation mIoU),
-efficientvit_tiny_model_epoch_{n}.pt on every improvement, last_efficientvit_tiny_model.pt (for --resume), best_efficientvit_tiny_model.onnx,
-args.json, metrics.csv/json, training_curves.png. File names never collide with
-train_efficientvit_local.py's, so both can share an output folder.
+efficientvit_tiny_model_epoch_{n}.pt on every improvement, last_efficientvit_tiny_model.pt (for
+--resume), best_efficientvit_tiny_model.onnx, args.json, metrics.csv/json, training_curves.png,
+and predictions_epoch_{n}.png (validation frames with the true and predicted pupil) every 5
+epochs and at the last one. Checkpoint names never collide with train_efficientvit_local.py's,
+so both can share an output folder (the metrics, curves and pictures are then the last run's).
 
 Examples:
     python train_efficientvit_tiny_local.py --demo

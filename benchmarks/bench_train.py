@@ -1,11 +1,13 @@
-"""Training throughput: samples per second for each model at 400x640 on this machine.
+"""Training throughput: samples per second for each model at one or more frame sizes on this machine.
 
 Times the engine's real step (forward under the runtime's autocast, task loss, OptimizerStep) on
 a fixed batch of synthetic frames already on the device, so data loading is not measured.
-Reports the median step time over many steps after warm-up.
+Reports the median step time over many steps after warm-up, one row per model and size; with
+several sizes, each row also gives its step time relative to the model's first size.
 
-Example:
+Examples:
     python benchmarks/bench_train.py --batch-size 8 --steps 10 --warmup 2
+    python benchmarks/bench_train.py --sizes 400x640 208x320 --batch-size 4 --steps 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -30,13 +32,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
     parser.add_argument("--batch-size", default=8, type=int)
-    parser.add_argument("--size", nargs=2, default=[400, 640], type=int, metavar=("H", "W"))
+    parser.add_argument("--sizes", nargs="+", default=[(400, 640)], type=frame_size, metavar="HxW",
+                        help="frame sizes to time, multiples of 16 (default 400x640)")
     parser.add_argument("--steps", default=10, type=int, help="timed steps per model")
     parser.add_argument("--warmup", default=2, type=int)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     return parser
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """'400x640' -> (400, 640); argparse turns the ValueError into a usage error."""
+    height, width = (int(v) for v in text.lower().split("x"))
+    return height, width
 
 
 def synthetic_batch(batch_size: int, height: int, width: int, device) -> dict:
@@ -51,13 +60,13 @@ def synthetic_batch(batch_size: int, height: int, width: int, device) -> dict:
     }
 
 
-def time_model(name: str, args, runtime) -> tuple[int, float]:
+def time_model(name: str, size: tuple[int, int], args, runtime) -> tuple[int, float]:
     model = build_model(name).to(runtime.device)
-    task = TASKS[model.task](epochs=1, image_size=tuple(args.size), device=runtime.device)
+    task = TASKS[model.task](epochs=1, image_size=size, device=runtime.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stepper = OptimizerStep(runtime, clip_grad=1.0)
     forward = torch.compile(model) if runtime.compile else model
-    batch = synthetic_batch(args.batch_size, *args.size, runtime.device)
+    batch = synthetic_batch(args.batch_size, *size, runtime.device)
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -73,13 +82,18 @@ def time_model(name: str, args, runtime) -> tuple[int, float]:
 
 def main(args) -> None:
     runtime = setup_runtime(args)
+    first = "x".join(map(str, args.sizes[0]))
     print(f"\n{runtime.describe()} | threads {torch.get_num_threads()} | batch {args.batch_size} | "
-          f"{args.size[0]}x{args.size[1]} | median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| model | params | median step s | samples/s |")
-    print("|---|---:|---:|---:|")
+          f"median of {args.steps} steps after {args.warmup} warm-up\n")
+    print(f"| model | params | size | median step s | samples/s | step time / {first} |")
+    print("|---|---:|---|---:|---:|---:|")
     for name in args.models:
-        params, seconds = time_model(name, args, runtime)
-        print(f"| {name} | {params:,} | {seconds:.3f} | {args.batch_size / seconds:.1f} |")
+        reference = None  # the model's step time at the first size
+        for size in args.sizes:
+            params, seconds = time_model(name, size, args, runtime)
+            reference = reference or seconds
+            print(f"| {name} | {params:,} | {size[0]}x{size[1]} | {seconds:.3f} | "
+                  f"{args.batch_size / seconds:.1f} | {seconds / reference:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

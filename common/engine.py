@@ -28,6 +28,7 @@ from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 from common.augment import augment_batch
 from common.data import to_device
 from common.errors import ConfigurationError
+from common.pictures import picture_due, save_predictions
 from common.specs import TrainSpec
 
 
@@ -381,6 +382,11 @@ def run_epoch(s: Session, state: TrainState, epoch: int) -> dict:
     s.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "epochs")}, step=epoch + 1)
     for path in saved:
         s.tracker.log_artifact(path, artifact_path="checkpoints")
+    if s.runtime.is_main and picture_due(epoch + 1, s.args.epochs):
+        # the plain module: a compiled one would recompile for the picture's batch size
+        picture = save_predictions(s.out_dir / f"predictions_epoch_{epoch + 1}.png", s.model,
+                                   s.loaders.valid.dataset, s.task.name, s.runtime)
+        s.tracker.log_artifact(picture, artifact_path="predictions")
     return row
 
 

@@ -51,6 +51,8 @@ def test_training_run_logs_params_metrics_tags_and_artifacts(server, demo_data, 
     assert {"best_efficientvit_model.onnx", "training_curves.png", "metrics.csv", "checkpoints"} <= top
     checkpoints = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert "best_efficientvit_model.pt" in checkpoints
+    pictures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert pictures == {"predictions_epoch_2.png"}  # the last epoch; the next is due at epoch 5
     local = client.download_artifacts(run.info.run_id, "best_efficientvit_model.onnx", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == (tmp_path / "best_efficientvit_model.onnx").read_bytes()
 
@@ -61,6 +63,10 @@ def test_ellipse_run_has_its_own_tags_and_terms(server, demo_data, tmp_path):
     assert run.data.tags["model_type"] == "EllipseRegression"
     assert {"train_loss", "valid_iou", "center_loss", "radius_loss", "valid_center_error_px",
             "valid_radius_error_px", "lr"} <= set(run.data.metrics)
+    client = MlflowClient(server.uri)
+    picture = "predictions/predictions_epoch_1.png"
+    local = client.download_artifacts(run.info.run_id, picture, str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == (tmp_path / "predictions_epoch_1.png").read_bytes()
 
 
 def test_training_survives_the_server_going_away(demo_data, tmp_path):

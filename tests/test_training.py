@@ -57,7 +57,8 @@ def test_one_epoch_writes_every_run_file(script, demo_dir, tmp_path):
     result = train(script, tmp_path, demo_dir, "--epochs", "1")
     stem = {"efficientvit": "efficientvit_model", "tiny": "efficientvit_tiny_model", "ellipse": "ellipse_model"}
     for name in (f"best_{stem[script]}.pt", f"last_{stem[script]}.pt", f"best_{stem[script]}.onnx",
-                 "args.json", "metrics.csv", "metrics.json", "training_curves.png"):
+                 "args.json", "metrics.csv", "metrics.json", "training_curves.png",
+                 "predictions_epoch_1.png"):
         assert (tmp_path / name).is_file(), name
     history = json.loads((tmp_path / "metrics.json").read_text())
     assert len(history) == 1 and history[0]["epoch"] == 1
