@@ -106,13 +106,16 @@ def cell(kind: str, text: str, name: str, index: int) -> dict:
 
 
 def common_cells(template: str) -> list[tuple[str, str]]:
-    modules = module_closure(imported_common_modules(template))
-    folders = sorted({module_path(m).parent.relative_to(ROOT).as_posix() for m in modules})
+    paths = [module_path(m) for m in module_closure(imported_common_modules(template))]
+    folders = sorted({path.parent.relative_to(ROOT).as_posix() for path in paths})
+    empty = [path.relative_to(ROOT).as_posix() for path in paths if not path.read_text().strip()]
+    setup = [f"os.makedirs({folder!r}, exist_ok=True)" for folder in folders]
+    setup += [f"open({name!r}, 'w').close()" for name in empty]  # %%writefile needs a body
     cells = [("code", "# The project's code, written to files so the cells below can import it.\n"
-                      "import os\n\n" + "\n".join(f"os.makedirs({f!r}, exist_ok=True)" for f in folders))]
-    for module in modules:
-        path = module_path(module).relative_to(ROOT).as_posix()
-        cells.append(("code", f"%%writefile {path}\n{module_path(module).read_text()}"))
+                      "import os\n\n" + "\n".join(setup))]
+    for path in paths:
+        if path.read_text().strip():
+            cells.append(("code", f"%%writefile {path.relative_to(ROOT).as_posix()}\n{path.read_text()}"))
     return cells
 
 

@@ -18,8 +18,8 @@ from common import data as data_module
 from common import preprocess
 from common.checkpoint import load_checkpoint
 from common.engine import resolve_device
-from common.specs import TrainSpec
 from common.errors import ConfigurationError
+from common.specs import TrainSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
