@@ -1,11 +1,12 @@
 """Build the Colab notebooks from their templates and the ``common/`` sources they use.
 
-A template (notebooks/templates/<name>.py) is a Python file split into cells by ``# %%`` lines:
+The template (notebooks/templates/train.py) is a Python file split into cells by ``# %%`` lines:
 ``# %% [markdown]`` starts a text cell (its lines are ``# ``-prefixed), ``# %% parameters`` the
 papermill parameters cell, and ``# %% [common]`` is replaced by one ``%%writefile`` cell per
 ``common/`` module the notebook imports, directly or through other modules. So the notebook shows
 all the code it runs, and the only way to change that code is to change ``common/``.
-``{{REQUIREMENTS}}`` in a template is replaced by requirements.txt without its torch pin.
+``{{REQUIREMENTS}}`` is replaced by requirements.txt without its torch pin, and the other
+``{{NAME}}`` fields by the notebook's values in ``NOTEBOOKS``.
 
 Examples:
     python notebooks/build.py            # rewrite notebooks/*.ipynb
@@ -24,7 +25,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-NOTEBOOKS = ("train_efficientvit", "train_ellipse")
+TEMPLATE = TEMPLATES / "train.py"
+# What differs between the notebooks: the template's {{NAME}} fields.
+NOTEBOOKS = {
+    "train_efficientvit": {
+        "MODEL": "TinyEfficientViTSeg",
+        "PURPOSE": "for pupil segmentation",
+        "INTRO": "This notebook trains **TinyEfficientViTSeg** (under 60k parameters), the VisionAssist "
+                 "pupil segmenter, on preprocessed OpenEDS near-infrared eye frames, and exports it to ONNX.",
+        "DATASET": "Conner/openeds-precomputed",
+        "SPEC": "EFFICIENTVIT",
+        "LIMIT": "60_000",
+        "CURVES": "losses (total, CE, Dice, surface), mIoU and per-class IoU per epoch.",
+        "PREDICTION": "prediction",
+        "MAX_ONNX_KB": "300",
+    },
+    "train_ellipse": {
+        "MODEL": "EllipseRegressionNet",
+        "PURPOSE": "for the pupil ellipse",
+        "INTRO": "This notebook trains **EllipseRegressionNet**, which regresses the pupil ellipse "
+                 "(cx, cy, rx, ry) from near-infrared eye frames, on the preprocessed OpenEDS data, and "
+                 "exports it to ONNX. It is scored as the original was: the predicted ellipse is drawn "
+                 "and compared with the pupil mask.",
+        "DATASET": "Conner/sddec25-01",
+        "SPEC": "ELLIPSE",
+        "LIMIT": "None",  # the regressor prints its own count
+        "CURVES": "loss and its terms, centre and radius errors (px), drawn-ellipse mIoU and pupil IoU.",
+        "PREDICTION": "predicted ellipse",
+        "MAX_ONNX_KB": "None",
+    },
+}
 COLAB_METADATA = {
     "accelerator": "GPU",
     "colab": {"gpuType": "T4", "provenance": []},
@@ -85,7 +115,8 @@ def split_cells(template: str) -> list[tuple[str, str]]:
             if kind is not None:
                 cells.append((kind, "\n".join(lines).strip("\n")))
             marker = line[4:].strip()
-            kind = {"[markdown]": "markdown", "parameters": "parameters", "[common]": "common"}.get(marker, "code")
+            kinds = {"[markdown]": "markdown", "parameters": "parameters", "[common]": "common"}
+            kind = kinds.get(marker, "code")
             lines = []
         elif kind is not None:
             lines.append(line[2:] if kind == "markdown" and line.startswith("# ") else
@@ -125,7 +156,9 @@ def requirements_without_torch() -> str:
 
 
 def build(name: str) -> dict:
-    template = (TEMPLATES / f"{name}.py").read_text().replace("{{REQUIREMENTS}}", requirements_without_torch())
+    template = TEMPLATE.read_text().replace("{{REQUIREMENTS}}", requirements_without_torch())
+    for field, value in NOTEBOOKS[name].items():
+        template = template.replace("{{" + field + "}}", value)
     cells = []
     for kind, text in split_cells(template):
         cells += common_cells(template) if kind == "common" else [(kind, text)]
