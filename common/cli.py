@@ -94,5 +94,7 @@ def training_parser(description: str, defaults: dict | None = None, add_help: bo
                          help="mixed precision with GradScaler (default: on for CUDA; CUDA only)")
     runtime.add_argument("--output-dir", default="./checkpoints", help="checkpoints, metrics, curves, ONNX")
     runtime.add_argument("--resume", type=str, help="checkpoint to resume from (e.g. the last_*.pt file)")
+    runtime.add_argument("--test-only", action="store_true",
+                         help="only evaluate the --resume checkpoint on the validation split")
     parser.set_defaults(**(defaults or {}))
     return parser

@@ -246,6 +246,13 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         batches = [order[i : i + self.batch_size] for i in range(0, self.length, self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size and len(batches) > 1:
             batches.pop()
+        if self.drop_last and self.world_size > 1:
+            # DDP steps in lockstep: every rank needs the same number of training batches.
+            usable = len(batches) - len(batches) % self.world_size
+            if usable == 0:
+                raise UserError(f"{len(batches)} training batch(es) of {self.batch_size} cannot be shared by "
+                                f"{self.world_size} processes; use a smaller --batch-size or fewer processes")
+            batches = batches[:usable]
         return batches[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -264,9 +271,10 @@ class Loaders:
 
 
 def make_loader(split, layout: DatasetLayout, targets: tuple[str, ...], batch_size: int, shuffle: bool,
-                seed: int, num_workers: int, pin_memory: bool):
+                seed: int, num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1):
     dataset = ArrowBatches(split, layout, targets)
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last=shuffle, rank=rank,
+                                world_size=world_size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
@@ -274,7 +282,7 @@ def make_loader(split, layout: DatasetLayout, targets: tuple[str, ...], batch_si
 
 
 def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLayout | None = None,
-                 targets: tuple[str, ...] = ALL_TARGETS) -> Loaders:
+                 targets: tuple[str, ...] = ALL_TARGETS, rank: int = 0, world_size: int = 1) -> Loaders:
     """Train/validation loaders sharing one layout (detected here if not given).
 
     Frames must be multiples of SIZE_MULTIPLE (the models' stride).
@@ -285,18 +293,22 @@ def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLa
         raise UserError(f"frames are {size[0]}x{size[1]}; the models need multiples of {SIZE_MULTIPLE} "
                         "(re-run precompute.py with --size H W --letterbox)")
     shared = dict(layout=layout, targets=targets, batch_size=args.batch_size, seed=args.seed,
-                  num_workers=args.num_workers, pin_memory=pin_memory)
+                  num_workers=args.num_workers, pin_memory=pin_memory, rank=rank, world_size=world_size)
     train = make_loader(dataset[TRAIN_SPLIT], shuffle=True, **shared)
     valid = make_loader(dataset[VALID_SPLIT], shuffle=False, **shared)
     return Loaders(train, valid, size, layout)
 
 
-def open_loaders(args, targets: tuple[str, ...], pin_memory: bool) -> tuple[Loaders, Path]:
-    """The loaders ``args`` asks for, with the layout detected once for the dataset; and its folder."""
+def open_loaders(args, targets: tuple[str, ...], pin_memory: bool, rank: int = 0,
+                 world_size: int = 1) -> tuple[Loaders, Path]:
+    """The loaders ``args`` asks for, with the layout detected once for the dataset; and its folder.
+
+    Under DDP each rank's loaders yield every world_size-th batch, starting at batch ``rank``.
+    """
     source = resolve_source(args)
     dataset = load_splits(source, Path(args.data_dir).expanduser())
     layout = detect_layout(dataset, *_layout_flags(args), source=source)
-    return make_loaders(dataset, args, pin_memory, layout, targets), source
+    return make_loaders(dataset, args, pin_memory, layout, targets, rank, world_size), source
 
 
 def _layout_flags(args) -> tuple:

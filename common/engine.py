@@ -27,7 +27,9 @@ from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.augment import augment_batch
 from common.data import to_device
+from common.distributed import all_reduce_sum_, init_distributed, shutdown, wrap_for_ddp
 from common.errors import ConfigurationError
+from common.metrics import accumulator_dtype
 from common.pictures import picture_due, save_predictions
 from common.specs import TrainSpec
 
@@ -80,23 +82,25 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=torch.float16)
 
     def describe(self) -> str:
+        ranks = f" rank={self.rank}/{self.world_size}" if self.world_size > 1 else ""
         return (f"device={self.device} amp={self.amp} compile={self.compile} "
-                f"channels_last={self.channels_last} pin_memory={self.pin_memory}")
+                f"channels_last={self.channels_last} pin_memory={self.pin_memory}{ranks}")
 
 
 def setup_runtime(args) -> Runtime:
     """Resolve device-dependent options once; CUDA-only features stay behind the device check."""
-    device = resolve_device(args.device)
+    device, rank, world_size = init_distributed(resolve_device(args.device))  # cuda:LOCAL_RANK under torchrun
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.amp and not cuda:
+    if args.amp and not cuda and rank == 0:
         print(f"warning: --amp needs CUDA (GradScaler + fp16); training in float32 on {device}")
     amp = cuda if args.amp is None else (args.amp and cuda)
     compile_model = cuda if args.compile is None else args.compile
-    return Runtime(device=device, amp=amp, compile=compile_model, channels_last=cuda, pin_memory=cuda)
+    return Runtime(device=device, amp=amp, compile=compile_model, channels_last=cuda, pin_memory=cuda,
+                   rank=rank, world_size=world_size)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,14 +132,21 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def prepare_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """Move to the device (channels_last on CUDA) and compile if asked; returns the model to call."""
+def prepare_model(model: torch.nn.Module, runtime: Runtime) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Move to the device (channels_last on CUDA); returns (module to train, module to evaluate).
+
+    Training goes through DDP under torchrun; evaluation uses the plain module, because a DDP
+    forward starts collectives that ranks with fewer validation batches would never join. Both
+    are compiled if asked. ``model`` itself stays the plain module that checkpoints save.
+    """
     memory_format = torch.channels_last if runtime.channels_last else torch.preserve_format
     model.to(runtime.device, memory_format=memory_format)
+    train = wrap_for_ddp(model, runtime.device)
     if not runtime.compile:
-        return model
+        return train, model
     mode = "max-autotune" if runtime.device.type == "cuda" else None
-    return torch.compile(model, mode=mode)
+    compiled = torch.compile(train, mode=mode)
+    return compiled, (compiled if train is model else torch.compile(model, mode=mode))
 
 
 # ----------------------------------------------------------------------------- optimizer step
@@ -168,14 +179,23 @@ class OptimizerStep:
 
 
 # ----------------------------------------------------------------------------- epochs
-def augment_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Augmentation randomness depends only on (seed, epoch): a resumed run replays it exactly."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+def augment_generator(seed: int, epoch: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """Augmentation randomness depends only on (seed, epoch, rank): a resumed run replays it exactly,
+    and each DDP rank draws its own (rank 0 draws what a single process would)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch + 104_729 * rank)
+
+
+def loss_accumulator(task, device: torch.device) -> torch.Tensor:
+    """Zeroed per-term loss sums (terms,): float64 (not on MPS), so sums of float32 losses are
+    exact in any order, which makes one process and N DDP ranks report the same means."""
+    return torch.zeros(len(task.loss_terms), dtype=accumulator_dtype(device), device=device)
 
 
 def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str) -> dict[str, float]:
-    """The epoch's one host sync: loss means and metrics as python floats."""
-    means = (loss_sums / max(batches, 1)).tolist()  # host sync (once per epoch, deliberate)
+    """The epoch's one host sync: loss means and metrics as python floats, over all DDP ranks."""
+    totals = all_reduce_sum_(torch.cat([loss_sums, loss_sums.new_tensor([batches])]))  # (terms + 1,)
+    all_reduce_sum_(task.metrics.totals)
+    means = (totals[:-1] / totals[-1].clamp(min=1)).tolist()  # host sync (once per epoch, deliberate)
     values = {f"{prefix}_{name}": value for name, value in zip(task.loss_terms, means)}
     values.update({f"{prefix}_{name}": value for name, value in task.compute_metrics().items()})
     if not math.isfinite(values[f"{prefix}_loss"]):
@@ -187,8 +207,8 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
                     epoch: int, seed: int, augment: bool = True) -> dict[str, float]:
     model.train()
     task.metrics.reset()
-    loss_sums = torch.zeros(len(task.loss_terms), device=runtime.device)
-    generator = augment_generator(seed, epoch, runtime.device)
+    loss_sums = loss_accumulator(task, runtime.device)
+    generator = augment_generator(seed, epoch, runtime.device, runtime.rank)
     loader.sampler.set_epoch(epoch)
     bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
                disable=not runtime.is_main)
@@ -200,7 +220,7 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
             outputs = model(batch["image"])
         losses = task.loss(outputs, batch, epoch)
         stepper(losses["loss"], optimizer, model.parameters())
-        loss_sums += torch.stack([losses[name].detach().float() for name in task.loss_terms])
+        loss_sums += torch.stack([losses[name].detach() for name in task.loss_terms]).to(loss_sums.dtype)
         task.update_metrics(outputs, batch)
     return _finish_epoch(task, loss_sums, len(loader), "train")
 
@@ -209,14 +229,14 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
 def evaluate(model, loader, task, runtime: Runtime, epoch: int) -> dict[str, float]:
     model.eval()
     task.metrics.reset()
-    loss_sums = torch.zeros(len(task.loss_terms), device=runtime.device)
+    loss_sums = loss_accumulator(task, runtime.device)
     for batch in tqdm(loader, desc=f"epoch {epoch + 1} valid", leave=False, dynamic_ncols=True,
                       disable=not runtime.is_main):
         batch = to_device(batch, runtime.device, runtime.channels_last)
         with runtime.autocast():
             outputs = model(batch["image"])
         losses = task.loss(outputs, batch, epoch)
-        loss_sums += torch.stack([losses[name].detach().float() for name in task.loss_terms])
+        loss_sums += torch.stack([losses[name].detach() for name in task.loss_terms]).to(loss_sums.dtype)
         task.update_metrics(outputs, batch)
     return _finish_epoch(task, loss_sums, len(loader), "valid")
 
@@ -350,7 +370,8 @@ class Session:
     out_dir: object
     loaders: object
     model: torch.nn.Module      # the plain module (checkpoints, export)
-    forward: torch.nn.Module    # what is called in the loop (compiled on CUDA)
+    forward: torch.nn.Module    # what the training loop calls (DDP under torchrun, compiled on CUDA)
+    evaluator: torch.nn.Module  # what validation calls (never DDP)
     task: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -359,86 +380,121 @@ class Session:
 
 
 def run_epoch(s: Session, state: TrainState, epoch: int) -> dict:
-    """Train + validate one epoch, step the schedule, save checkpoints, log; returns the row."""
+    """Train + validate one epoch and step the schedule; rank 0 then saves and logs. Returns the row."""
     import time
 
     start = time.perf_counter()
     train = train_one_epoch(s.forward, s.loaders.train, s.task, s.optimizer, s.stepper, s.runtime,
                             epoch, s.args.seed, augment=not s.args.no_augment)
-    valid = evaluate(s.forward, s.loaders.valid, s.task, s.runtime, epoch)
+    valid = evaluate(s.evaluator, s.loaders.valid, s.task, s.runtime, epoch)
     row = _epoch_row(epoch, s.args, train, valid, s.task, s.optimizer, time.perf_counter() - start)
     s.scheduler.step()
-    metric = row[f"valid_{s.task.best_metric}"]
+    metric = row[f"valid_{s.task.best_metric}"]  # the same on every rank: metrics are all-reduced
     improved = math.isfinite(metric) and metric > state.best_metric
     state.epoch, state.history = epoch + 1, state.history + [row]
     if improved:
         state.best_metric, state.best_epoch = metric, epoch + 1
+    if s.runtime.is_main:
+        _record_epoch(s, state, epoch, row, improved)
+    return row
+
+
+def _record_epoch(s: Session, state: TrainState, epoch: int, row: dict, improved: bool) -> None:
+    """Checkpoints, the summary line, MLflow and the prediction picture of one epoch (rank 0)."""
     saved = _save_epoch_files(s.out_dir, s.spec, s.model, s.optimizer, s.scheduler, s.stepper, state,
                               s.args, s.loaders.image_size, row, improved)
     tqdm.write(summary_line(row, s.task.best_metric, improved))
     if improved:
         label = metric_label(s.task.best_metric)
-        tqdm.write(f"  saved new best model {s.out_dir / s.spec.best_name} (valid_{label} {metric:.4f})")
+        best = s.out_dir / s.spec.best_name
+        tqdm.write(f"  saved new best model {best} (valid_{label} {state.best_metric:.4f})")
     s.tracker.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "epochs")}, step=epoch + 1)
     for path in saved:
         s.tracker.log_artifact(path, artifact_path="checkpoints")
-    if s.runtime.is_main and picture_due(epoch + 1, s.args.epochs):
+    if picture_due(epoch + 1, s.args.epochs):
         # the plain module: a compiled one would recompile for the picture's batch size
         picture = save_predictions(s.out_dir / f"predictions_epoch_{epoch + 1}.png", s.model,
                                    s.loaders.valid.dataset, s.task.name, s.runtime)
         s.tracker.log_artifact(picture, artifact_path="predictions")
-    return row
 
 
 def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
-    """Resolve runtime and data, build (or resume) the model, start tracking."""
+    """Resolve runtime and data, build (or resume) the model, start tracking (rank 0)."""
     from pathlib import Path
 
     from common.data import open_loaders
-    from common.history import write_run_config
+    from common.distributed import main_process_first
     from common.models import count_parameters, model_task
     from common.tasks import TASKS
-    from common.tracking import Tracker
 
     runtime = setup_runtime(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = TASKS[model_task(spec.model_name)].targets  # what the batches must carry for this task
-    loaders, source = open_loaders(args, targets, runtime.pin_memory)
+    with main_process_first():
+        loaders, source = open_loaders(args, targets, runtime.pin_memory, runtime.rank, runtime.world_size)
     model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
-    state = resume_training(args.resume, model, optimizer, scheduler, stepper) if args.resume else TrainState()
-    forward = prepare_model(model, runtime)
-    write_run_config(out_dir, args, runtime.describe())
-    tracker = Tracker.from_env(spec.experiment, run_name=f"{spec.file_stem}-{out_dir.name}")
-    tracker.start(params={**vars(args), "parameters": count_parameters(model), "dataset": str(source)},
-                  tags={"model_type": spec.model_type, "architecture": spec.architecture})
-    print(f"{spec.model_type}: {count_parameters(model):,} parameters | {runtime.describe()}")
-    print(f"data {source}: {len(loaders.train.dataset)} train / {len(loaders.valid.dataset)} valid "
-          f"frames of {loaders.image_size[0]}x{loaders.image_size[1]}")
-    print(f"data layout: {loaders.layout.describe(targets)}")
-    session = Session(args, spec, runtime, out_dir, loaders, model, forward, task, optimizer, scheduler,
-                      stepper, tracker)
+    state = TrainState()
+    if args.resume:
+        state = resume_training(args.resume, model, optimizer, scheduler, stepper)
+    forward, evaluator = prepare_model(model, runtime)
+    tracker = _start_tracking(args, spec, runtime, out_dir, source, count_parameters(model))
+    if runtime.is_main:
+        print(f"{spec.model_type}: {count_parameters(model):,} parameters | {runtime.describe()}")
+        print(f"data {source}: {len(loaders.train.dataset)} train / {len(loaders.valid.dataset)} valid "
+              f"frames of {loaders.image_size[0]}x{loaders.image_size[1]}")
+        print(f"data layout: {loaders.layout.describe(targets)}")
+    session = Session(args, spec, runtime, out_dir, loaders, model, forward, evaluator, task, optimizer,
+                      scheduler, stepper, tracker)
     return session, state
 
 
+def _start_tracking(args, spec: TrainSpec, runtime: Runtime, out_dir, source, parameters: int):
+    """args.json and the MLflow run, on rank 0; other ranks get a tracker that does nothing."""
+    from common.history import write_run_config
+    from common.tracking import Tracker
+
+    if not runtime.is_main or getattr(args, "test_only", False):
+        return Tracker(None, spec.experiment)
+    write_run_config(out_dir, args, runtime.describe())
+    tracker = Tracker.from_env(spec.experiment, run_name=f"{spec.file_stem}-{out_dir.name}")
+    tracker.start(params={**vars(args), "parameters": parameters, "dataset": str(source)},
+                  tags={"model_type": spec.model_type, "architecture": spec.architecture})
+    return tracker
+
+
 def fit(args, spec: TrainSpec, on_saved=None) -> dict:
-    """Train ``spec``'s model as ``args`` says; returns the final summary (also printed).
+    """Train ``spec``'s model as ``args`` say; returns the final summary (also printed).
 
-    ``on_saved()``, when given, runs after each epoch's files and after the final export are
-    written: the Modal job commits its output volume there, so a lost container costs one epoch.
+    ``on_saved()``, when given, runs on rank 0 after each epoch's files and after the final export
+    are written: the Modal job commits its output volume there, so a lost container costs one epoch.
+    With ``--test-only`` it evaluates the ``--resume`` checkpoint on the validation split instead.
     """
-    from common.history import plot_curves, write_history
-
-    saved = on_saved or (lambda: None)
     session, state = open_session(args, spec)
     try:
-        for epoch in range(state.epoch, args.epochs):
+        if getattr(args, "test_only", False):
+            return evaluate_only(session)
+        return _train(session, state, on_saved or (lambda: None))
+    finally:
+        shutdown()
+
+
+def _train(session: Session, state: TrainState, saved) -> dict:
+    from common.history import plot_curves, write_history
+
+    main = session.runtime.is_main
+    curves = onnx_path = None
+    try:
+        for epoch in range(state.epoch, session.args.epochs):
             run_epoch(session, state, epoch)
-            write_history(session.out_dir, state.history)
+            if main:
+                write_history(session.out_dir, state.history)
+                saved()
+        if main:
+            curves = plot_curves(session.out_dir, state.history) if state.history else None
+            onnx_path = _export_best(session.out_dir, session.spec, session.loaders.image_size,
+                                     session.runtime)
             saved()
-        curves = plot_curves(session.out_dir, state.history) if state.history else None
-        onnx_path = _export_best(session.out_dir, spec, session.loaders.image_size, session.runtime)
-        saved()
     except KeyboardInterrupt:
         session.tracker.finish("KILLED")
         raise
@@ -446,15 +502,33 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
         session.tracker.finish("FAILED")
         raise
     for path in (curves, onnx_path, session.out_dir / "metrics.csv"):
-        if path is not None and path.exists():
+        if main and path is not None and path.exists():
             session.tracker.log_artifact(path)
     session.tracker.finish("FINISHED")
-    last = state.history[-1] if state.history else {}
-    summary = {"final_valid_iou": last.get("valid_iou"), "final_valid_pupil_iou": last.get("valid_pupil_iou"),
-               "best_valid_metric": state.best_metric, "best_epoch": state.best_epoch,
-               "best_checkpoint": str(session.out_dir / spec.best_name), "onnx": str(onnx_path) if onnx_path else None}
-    print(final_line(summary, metric_label(session.task.best_metric)))
+    summary = _summary(session, state, onnx_path)
+    if main:
+        print(final_line(summary, metric_label(session.task.best_metric)))
     return summary
+
+
+def _summary(session: Session, state: TrainState, onnx_path) -> dict:
+    last = state.history[-1] if state.history else {}
+    return {"final_valid_iou": last.get("valid_iou"), "final_valid_pupil_iou": last.get("valid_pupil_iou"),
+            "best_valid_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "best_checkpoint": str(session.out_dir / session.spec.best_name),
+            "onnx": str(onnx_path) if onnx_path else None}
+
+
+def evaluate_only(session: Session) -> dict:
+    """Validation metrics of the loaded weights, printed as one JSON line (all ranks agree)."""
+    import json
+
+    if not session.args.resume:
+        raise ConfigurationError("--test-only evaluates a checkpoint: give it with --resume PATH")
+    metrics = evaluate(session.evaluator, session.loaders.valid, session.task, session.runtime, epoch=0)
+    if session.runtime.is_main:
+        print(f"test-only {json.dumps(metrics)}")
+    return metrics
 
 
 def final_line(summary: dict, best_label: str) -> str:

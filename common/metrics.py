@@ -20,7 +20,7 @@ import torch
 from common.preprocess import normalized_to_pixels
 
 
-def _accumulator_dtype(device: torch.device) -> torch.dtype:
+def accumulator_dtype(device: torch.device) -> torch.dtype:
     # float64 keeps long sums exact enough; MPS has no float64, float32 suffices there.
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -160,7 +160,7 @@ class EllipseMetrics(_Accumulator):
     def __init__(self, height: int, width: int, device="cpu"):
         self.height, self.width = int(height), int(width)
         device = torch.device(device)
-        self.totals = torch.zeros(6, dtype=_accumulator_dtype(device), device=device)
+        self.totals = torch.zeros(6, dtype=accumulator_dtype(device), device=device)
         # pixel-centre coordinates, broadcast against (B, 1, 1) ellipse parameters
         self._xs = torch.arange(self.width, dtype=torch.float32, device=device).view(1, 1, -1)  # (1, 1, W)
         self._ys = torch.arange(self.height, dtype=torch.float32, device=device).view(1, -1, 1)  # (1, H, 1)
