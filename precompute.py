@@ -191,7 +191,9 @@ def main(args) -> None:
     print(f"{stats['processed']} shards written, {stats['done']} already complete")
     if stats["samples"]:
         rate = stats["samples"] / stats["seconds"]
-        print(f"throughput: {rate:.1f} samples/s ({rate / args.workers:.1f} per worker)")
+        # a worker per shard at most: fewer shards than --workers leave the rest unstarted
+        print(f"throughput: {rate:.1f} samples/s ({rate / stats['workers']:.1f} per worker, "
+              f"{stats['workers']} workers)")
     if token:
         url = hub.push_dataset(args.output_dir, hub_repo(args), token)
         print(f"pushed to {hub_repo(args)}: {url}")

@@ -5,15 +5,22 @@ parquet file exists under ``data/`` and its record under ``.shards/`` lists exac
 preprocessing parameters of the current run. Both files are written atomically (record first, then
 the parquet), so a run killed at any point leaves no file a loader would accept as a shard, and a
 rerun redoes only the shards that are not done.
+
+Shards are the unit of parallel work: a worker process reads, preprocesses and writes a whole
+shard, so rows never travel between processes. A run uses at most one worker per shard.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import platform
+import queue
+import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,7 +31,6 @@ import cv2
 import datasets
 import numpy as np
 import pyarrow
-from datasets import Dataset
 from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.errors import UserError
@@ -33,6 +39,7 @@ from common.io import atomic_path, atomic_write_json, atomic_write_text, remove_
 from common.preprocess import SkipSample, letterbox, preprocessing_params, process_sample
 from common.raw_sources import RawSample, read_raw_sample
 from common.schema import DATA_DIR, MANIFEST_NAME, STATE_DIR, dataset_card, dataset_features, shard_name
+from common.shards import ShardBuffer, write_parquet
 
 
 @dataclass(frozen=True)
@@ -159,28 +166,55 @@ def load_row(sample: RawSample | FolderSample, options: SampleOptions) -> tuple[
     return row, box
 
 
-def _worker_init() -> None:
+def _worker_init(progress, parent: int) -> None:
+    global _PROGRESS, _PARENT
+    _PROGRESS, _PARENT = progress, parent
     cv2.setNumThreads(1)  # one OpenCV thread per worker process: the pool owns the cores
+    if sys.platform.startswith("linux"):
+        # Workers write shards, so they must end with the main process: a run killed with kill -9
+        # writes nothing afterwards, and no orphan races a rerun for the same shard.
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the main process died before the line above took effect
+        os._exit(1)
 
 
-def _process(job: tuple[RawSample | FolderSample, SampleOptions]):
-    sample, options = job
-    try:
-        row, box = load_row(sample, options)
-        return sample, row, box, None
-    except SkipSample as exc:
-        return sample, None, None, str(exc)
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PROGRESS = None  # per worker: the queue that feeds the main process's progress bar
+_PARENT = None  # per worker: the main process's pid
 
 
-def _write_shard(out_dir: Path, plan: ShardPlan, rows: list[dict], skipped: list[dict], boxes: dict,
+def _run_shard(job: tuple[Path, ShardPlan, SampleOptions]) -> str:
+    """In a worker: read and preprocess every sample of one shard, then write the shard and its record.
+
+    The rows stay in this process, in numpy buffers that become the parquet file's Arrow columns;
+    only a count per sample goes to the main process, for its progress bar.
+    """
+    out_dir, plan, options = job
+    buffer = ShardBuffer(dataset_features(options.height, options.width), len(plan.samples))
+    skipped, boxes = [], {}
+    for sample in plan.samples:
+        try:
+            row, box = load_row(sample, options)
+        except SkipSample as exc:
+            skipped.append({"split": sample.split, "file": sample.name, "reason": str(exc)})
+        else:
+            buffer.add(row)
+            if box is not None:
+                boxes[sample.name] = box
+        _PROGRESS.put(1)
+    if os.getppid() != _PARENT:  # where no parent-death signal exists: the run was killed, write nothing
+        os._exit(1)
+    _write_shard(out_dir, plan, buffer, skipped, boxes, options)
+    return plan.name
+
+
+def _write_shard(out_dir: Path, plan: ShardPlan, buffer: ShardBuffer, skipped: list[dict], boxes: dict,
                  options) -> None:
-    features = dataset_features(options.height, options.width)
-    columns = {name: [row[name] for row in rows] for name in features}
     record = {"inputs": [input_key(s) for s in plan.samples], "options": options.record(),
-              "rows": len(rows), "skipped": skipped, "letterbox": boxes}
+              "rows": buffer.rows, "skipped": skipped, "letterbox": boxes}
     atomic_write_json(_record_path(out_dir, plan), record)
     with atomic_path(out_dir / DATA_DIR / plan.name) as tmp:
-        Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+        write_parquet(buffer.table(), tmp)
 
 
 def _remove_stale_shards(out_dir: Path, plans: list[ShardPlan]) -> None:
@@ -194,31 +228,47 @@ def _remove_stale_shards(out_dir: Path, plans: list[ShardPlan]) -> None:
 
 
 def run_shards(out_dir, plans: list[ShardPlan], options: SampleOptions, workers: int) -> dict:
-    """Process every shard that is not done; returns {"done": n, "processed": n, "samples": n}."""
+    """Process every shard that is not done; returns {"done", "processed", "samples", "workers"}.
+
+    Each worker takes whole shards and writes them itself; the main process only hands out shards
+    (largest first, so the short last shards of each split fill the end) and shows one progress bar.
+    """
     out_dir = Path(out_dir)
     for sub in (DATA_DIR, STATE_DIR):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_dir / sub)
     _remove_stale_shards(out_dir, plans)
-    todo = [p for p in plans if not shard_is_done(out_dir, p, options)]
+    todo = sorted((p for p in plans if not shard_is_done(out_dir, p, options)), key=lambda p: -len(p.samples))
     total = sum(len(p.samples) for p in todo)
-    datasets.disable_progress_bars()  # one bar for the whole run, not one per shard
-    with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool, tqdm(
-        total=total, desc="preprocess", unit="sample", dynamic_ncols=True
-    ) as bar:
-        for plan in todo:
-            rows, skipped, boxes = [], [], {}
-            jobs = [(s, options) for s in plan.samples]
-            for sample, row, box, reason in pool.imap(_process, jobs, chunksize=4):
-                if row is None:
-                    skipped.append({"split": sample.split, "file": sample.name, "reason": reason})
-                else:
-                    rows.append(row)
-                    if box is not None:
-                        boxes[sample.name] = box
-                bar.update(1)
-            _write_shard(out_dir, plan, rows, skipped, boxes, options)
-    return {"done": len(plans) - len(todo), "processed": len(todo), "samples": total}
+    workers = max(1, min(workers, len(todo)))  # a worker without a shard would only cost its start-up
+    if todo:
+        context = mp.get_context("spawn")
+        progress = context.Queue()
+        with context.Pool(workers, initializer=_worker_init, initargs=(progress, os.getpid())) as pool, tqdm(
+            total=total, desc="preprocess", unit="sample", dynamic_ncols=True
+        ) as bar:
+            results = pool.imap_unordered(_run_shard, [(out_dir, p, options) for p in todo])
+            _follow(results, progress, len(todo), bar)
+    return {"done": len(plans) - len(todo), "processed": len(todo), "samples": total, "workers": workers}
+
+
+def _follow(results, progress, shards: int, bar) -> None:
+    """Update ``bar`` from the workers' per-sample counts until every shard is written.
+
+    A worker's exception is raised here as soon as its shard fails (the pool is then terminated).
+    """
+    while shards or bar.n < bar.total:
+        try:
+            bar.update(progress.get(timeout=0.1))
+            continue
+        except queue.Empty:
+            pass
+        if shards:
+            try:
+                results.next(timeout=0)
+                shards -= 1
+            except mp.TimeoutError:
+                pass
 
 
 def collect_records(out_dir, plans: list[ShardPlan]) -> dict:
