@@ -404,7 +404,8 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = TASKS[model_task(spec.model_name)].targets  # what the batches must carry for this task
-    loaders, source = open_loaders(args, targets, runtime.pin_memory)
+    loaders, source = open_loaders(args, targets, runtime.pin_memory, runtime.device, runtime.rank,
+                                   runtime.world_size)
     model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
     state = resume_training(args.resume, model, optimizer, scheduler, stepper) if args.resume else TrainState()
     forward = prepare_model(model, runtime)
