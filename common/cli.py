@@ -78,6 +78,9 @@ def training_parser(description: str, defaults: dict | None = None, add_help: bo
                       help="whether stored frames already carry gamma + CLAHE: auto reads the dataset's "
                            "preprocessed (or image_preprocessed) column, absent = no; yes/no override it")
     data.add_argument("--num-workers", default=2, type=int, help="DataLoader worker processes")
+    data.add_argument("--data-on-device", choices=("auto", "on", "off"), default="auto",
+                      help="hold both splits on the device and batch there, without a DataLoader; "
+                           "auto: on for CUDA when they fit in half the free GPU memory (at most 32 GiB)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", default=10, type=int)
     train.add_argument("--batch-size", default=8, type=int)

@@ -15,6 +15,10 @@ processes. Each batch is a dict of CPU tensors, with the targets the task asks f
     image (B, H, W) uint8, label (B, H, W) uint8 0/1, spatial_weights (B, H, W) float32,
     dist_map (B, 2, H, W) float32, ellipse (B, 4) float32 (cx, cy, rx, ry)
 ``to_device`` moves it (non_blocking from pinned memory) and turns the image into the model input.
+
+Device-resident path (``--data-on-device``, ``DeviceBatches``): the split is converted once by the
+same ``ArrowBatches`` code and held on the device (uint8 frames, fp16 maps on CUDA); batches are
+``index_select``s in the same sampler order, so both paths yield the same batches for a seed.
 """
 
 from __future__ import annotations
@@ -184,6 +188,8 @@ class ArrowBatches(torch.utils.data.Dataset):
         self.split = split
         self.layout = layout or detect_layout(split)
         self.targets = tuple(targets)
+        # Made once: with_format copies the dataset and its table (~9 ms, the same at every frame size)
+        self._rows = split.with_format("arrow")
 
     @property
     def preprocessed(self) -> bool:
@@ -197,7 +203,7 @@ class ArrowBatches(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        table = self.split.with_format("arrow")[list(indices)]
+        table = self._rows[list(indices)]
         image = read_frames(table, "image", self.layout)  # (B, H, W) uint8
         label = read_frames(table, "label", self.layout).astype(np.uint8, copy=False)  # (B, H, W)
         if not self.layout.preprocessed:
@@ -225,7 +231,11 @@ class ArrowBatches(torch.utils.data.Dataset):
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Yields lists of indices; the order depends only on (seed, epoch), so a resumed run replays it.
 
-    ``rank``/``world_size`` take every world_size-th batch, ready for DistributedDataParallel.
+    Under DistributedDataParallel (``world_size`` > 1) rank r owns a fixed shard of the rows
+    (``shard``), the same every epoch, and shuffles only within it, so a device-resident split holds
+    that shard alone. Training shards are equal in size (the ``length % world_size`` remainder rows
+    are left out) so that every rank takes the same number of steps; validation shards are whole
+    batches of the single-process order, dealt out in turn, covering every row once. With one process the shard is every row and the order is ``randperm(length)``.
     """
 
     def __init__(self, length: int, batch_size: int, shuffle: bool, seed: int = 0,
@@ -237,35 +247,150 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
-        else:
-            order = list(range(self.length))
-        batches = [order[i : i + self.batch_size] for i in range(0, self.length, self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size and len(batches) > 1:
-            batches.pop()
-        if self.drop_last and self.world_size > 1:
-            # DDP steps in lockstep: every rank needs the same number of training batches.
-            usable = len(batches) - len(batches) % self.world_size
-            if usable == 0:
-                raise UserError(f"{len(batches)} training batch(es) of {self.batch_size} cannot be shared by "
-                                f"{self.world_size} processes; use a smaller --batch-size or fewer processes")
-            batches = batches[:usable]
-        return batches[self.rank :: self.world_size]
+    def shard(self) -> torch.Tensor:
+        """(N_rank,) int64: the rows this rank yields, ascending."""
+        if self.world_size == 1:
+            return torch.arange(self.length)
+        if not self.shuffle:
+            # Whole batches dealt out in turn: every batch is the one a single process forms, so
+            # the summed batch losses and metric counts equal the single-process ones exactly.
+            batches = torch.arange(self.length).split(self.batch_size)[self.rank :: self.world_size]
+            return torch.cat(batches) if batches else torch.zeros(0, dtype=torch.int64)
+        # A fixed random split, so that no rank holds only the first subjects.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 - 1)
+        rows = torch.randperm(self.length, generator=generator)
+        return rows[: self._shared_rows()][self.rank :: self.world_size].sort().values
+
+    def _shared_rows(self) -> int:
+        """How many rows the ranks share out: all, or for training a multiple of world_size."""
+        if self.world_size == 1 or not self.shuffle:
+            return self.length
+        return self.length // self.world_size * self.world_size
+
+    def order(self) -> torch.Tensor:
+        """(N_rank,) int64: this rank's rows in this epoch's order."""
+        rows = self.shard()
+        if not self.shuffle:
+            return rows
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return rows[torch.randperm(len(rows), generator=generator)]
+
+    def split(self, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``order`` (N,) cut into batches; drop_last drops a short last batch unless it is the only one."""
+        batches = order.split(self.batch_size)
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches = batches[:-1]
+        return batches
 
     def __iter__(self):
-        return iter(self._batches())
+        return (batch.tolist() for batch in self.split(self.order()))
 
     def __len__(self) -> int:
-        return len(self._batches())
+        rows = len(self.shard())
+        full, rest = divmod(rows, self.batch_size)
+        return full + int(rest > 0 and not (self.drop_last and full > 0))
+
+
+# ----------------------------------------------------------------------------- device-resident data
+MAP_KEYS = ("spatial_weights", "dist_map")
+LOAD_ROWS = 256                 # rows converted per chunk while loading: bounds the host memory used
+DEVICE_DATA_FRACTION = 0.5      # of free CUDA memory; the rest is for weights, activations, workspaces
+DEVICE_DATA_CAP = 32 * 2**30    # bytes; never more than this, whatever the card
+
+
+def stored_dtype(name: str, device: torch.device) -> torch.dtype:
+    """How a column is held on the device: uint8 frames, fp16 maps on CUDA, float32 otherwise."""
+    if name in ("image", "label"):
+        return torch.uint8
+    return torch.float16 if name in MAP_KEYS and device.type == "cuda" else torch.float32
+
+
+def split_bytes(rows: int, image_size: tuple[int, int], targets: tuple[str, ...],
+                device: torch.device) -> int:
+    """Device bytes of ``rows`` frames of ``image_size`` with ``targets``, held as ``stored_dtype`` says."""
+    pixels = image_size[0] * image_size[1]
+    planes = {"image": 1, "label": 1, "spatial_weights": 1, "dist_map": 2}  # per frame, (H, W) each
+    per_row = 4 * 4 if "ellipse" in targets else 0  # (4,) float32
+    for name in ("image", "label", *[t for t in targets if t in MAP_KEYS]):
+        per_row += planes[name] * pixels * stored_dtype(name, device).itemsize
+    return rows * per_row
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def device_data_decision(choice: str, device_type: str, needed: int, free: int | None) -> tuple[bool, str]:
+    """Whether to hold the splits on the device, and the line that says why.
+
+    ``choice`` is --data-on-device; ``needed`` the bytes of this rank's splits; ``free`` the free
+    CUDA memory (None off CUDA). The budget is min(DEVICE_DATA_FRACTION * free, DEVICE_DATA_CAP).
+    auto is on for CUDA within the budget; on is always allowed off CUDA (the host is the device)
+    and on CUDA must fit; off is off.
+    """
+    if device_type != "cuda":
+        on = choice == "on"
+        state = "on" if on else "off"
+        return on, f"data on device: {state} ({choice}, {device_type}; splits {_bytes(needed)})"
+    budget = min(int(DEVICE_DATA_FRACTION * free), DEVICE_DATA_CAP)
+    fits = needed <= budget
+    numbers = (f"splits {_bytes(needed)}, budget {_bytes(budget)} = min({DEVICE_DATA_FRACTION:g} x free "
+               f"{_bytes(free)}, cap {_bytes(DEVICE_DATA_CAP)})")
+    if choice == "on" and not fits:
+        raise UserError(f"--data-on-device on: the splits do not fit on the GPU ({numbers}); "
+                        "use --data-on-device off or auto")
+    on = choice == "on" or (choice == "auto" and fits)
+    return on, f"data on device: {'on' if on else 'off'} ({choice}; {numbers})"
+
+
+def load_rows(dataset: ArrowBatches, rows: torch.Tensor, device: torch.device,
+              num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` (N,) of ``dataset`` as tensors on ``device``: ArrowBatches' own conversion, so
+    every layout rule applies as on the DataLoader path, LOAD_ROWS rows a chunk on worker processes."""
+    chunks = [chunk.tolist() for chunk in rows.split(LOAD_ROWS)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=chunks, num_workers=num_workers)
+    tensors, start = {}, 0
+    for chunk in loader:
+        if not tensors:  # (N, ...) per column, allocated once the first chunk shows the shapes
+            tensors = {name: torch.empty((len(rows), *value.shape[1:]), dtype=stored_dtype(name, device),
+                                         device=device) for name, value in chunk.items()}
+        stop = start + len(chunk["image"])
+        for name, value in chunk.items():
+            tensors[name][start:stop].copy_(value)  # casts maps to fp16 on CUDA
+        start = stop
+    return tensors
+
+
+class DeviceBatches:
+    """A split held as tensors on the device, batched in the sampler's order (hlb-CIFAR10 style).
+
+    Loaded once (``load_rows``), only the rows of this rank's shard. Each epoch the sampler's
+    order, a CPU ``randperm`` so that both paths draw the same batches, goes to the device in one
+    copy; every batch is then one ``index_select`` per column, with no DataLoader and no host sync.
+    Offers what the engine uses of a DataLoader: ``sampler``, ``dataset``, ``len`` and iteration.
+    """
+
+    def __init__(self, dataset: ArrowBatches, sampler: EpochBatchSampler, device: torch.device,
+                 num_workers: int = 0):
+        self.dataset, self.sampler, self.device = dataset, sampler, torch.device(device)
+        rows = sampler.shard()  # (N_rank,)
+        self.tensors = load_rows(dataset, rows, self.device, num_workers)
+        self.position = torch.full((len(dataset),), -1, dtype=torch.long)  # split row -> held row
+        self.position[rows] = torch.arange(len(rows))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        order = self.position[self.sampler.order()].to(self.device, non_blocking=True)  # (N_rank,)
+        for rows in self.sampler.split(order):
+            yield {name: value.index_select(0, rows) for name, value in self.tensors.items()}
 
 
 @dataclass
 class Loaders:
-    train: torch.utils.data.DataLoader
-    valid: torch.utils.data.DataLoader
+    train: torch.utils.data.DataLoader | DeviceBatches
+    valid: torch.utils.data.DataLoader | DeviceBatches
     image_size: tuple[int, int]
     layout: DatasetLayout
 
@@ -282,9 +407,11 @@ def make_loader(split, layout: DatasetLayout, targets: tuple[str, ...], batch_si
 
 
 def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLayout | None = None,
-                 targets: tuple[str, ...] = ALL_TARGETS, rank: int = 0, world_size: int = 1) -> Loaders:
+                 targets: tuple[str, ...] = ALL_TARGETS, device: torch.device | None = None,
+                 rank: int = 0, world_size: int = 1) -> Loaders:
     """Train/validation loaders sharing one layout (detected here if not given).
 
+    With a ``device``, --data-on-device decides whether the splits are held there (``DeviceBatches``).
     Frames must be multiples of SIZE_MULTIPLE (the models' stride).
     """
     layout = layout or detect_layout(dataset, *_layout_flags(args))
@@ -296,19 +423,29 @@ def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLa
                   num_workers=args.num_workers, pin_memory=pin_memory, rank=rank, world_size=world_size)
     train = make_loader(dataset[TRAIN_SPLIT], shuffle=True, **shared)
     valid = make_loader(dataset[VALID_SPLIT], shuffle=False, **shared)
+    if device is not None and _data_on_device(args, device, (train, valid), size, targets):
+        train, valid = (DeviceBatches(loader.dataset, loader.sampler, device, args.num_workers)
+                        for loader in (train, valid))
     return Loaders(train, valid, size, layout)
 
 
-def open_loaders(args, targets: tuple[str, ...], pin_memory: bool, rank: int = 0,
-                 world_size: int = 1) -> tuple[Loaders, Path]:
-    """The loaders ``args`` asks for, with the layout detected once for the dataset; and its folder.
+def _data_on_device(args, device: torch.device, loaders, size, targets) -> bool:
+    """--data-on-device for this rank's shards of the splits; prints the decision and its numbers."""
+    device = torch.device(device)
+    needed = sum(split_bytes(len(loader.sampler.shard()), size, targets, device) for loader in loaders)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    on, line = device_data_decision(getattr(args, "data_on_device", "auto"), device.type, needed, free)
+    print(line)
+    return on
 
-    Under DDP each rank's loaders yield every world_size-th batch, starting at batch ``rank``.
-    """
+
+def open_loaders(args, targets: tuple[str, ...], pin_memory: bool, device: torch.device | None = None,
+                 rank: int = 0, world_size: int = 1) -> tuple[Loaders, Path]:
+    """The loaders ``args`` asks for, with the layout detected once for the dataset; and its folder."""
     source = resolve_source(args)
     dataset = load_splits(source, Path(args.data_dir).expanduser())
     layout = detect_layout(dataset, *_layout_flags(args), source=source)
-    return make_loaders(dataset, args, pin_memory, layout, targets, rank, world_size), source
+    return make_loaders(dataset, args, pin_memory, layout, targets, device, rank, world_size), source
 
 
 def _layout_flags(args) -> tuple:
@@ -317,8 +454,13 @@ def _layout_flags(args) -> tuple:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict:
-    """Move a CPU batch to ``device`` and build the model input (B, 1, H, W) float in [-1, 1]."""
+    """Move a batch to ``device`` and build the model input (B, 1, H, W) float in [-1, 1].
+
+    A device-resident batch is already there (``.to`` returns it as is); its fp16 maps become
+    float32, so the engine sees the same dtypes from both paths.
+    """
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    moved.update({k: moved[k].float() for k in MAP_KEYS if k in moved})
     image = moved["image"].unsqueeze(1).float().div_(INPUT_SCALE).sub_(1.0)  # as normalize_frame
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)

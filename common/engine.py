@@ -432,7 +432,8 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = TASKS[model_task(spec.model_name)].targets  # what the batches must carry for this task
     with main_process_first():
-        loaders, source = open_loaders(args, targets, runtime.pin_memory, runtime.rank, runtime.world_size)
+        loaders, source = open_loaders(args, targets, runtime.pin_memory, runtime.device, runtime.rank,
+                                       runtime.world_size)
     model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
     state = TrainState()
     if args.resume:

@@ -105,11 +105,13 @@ def read_frames(table: pa.Table, name: str, layout: DatasetLayout) -> np.ndarray
     Shaped (Array2D/3D) and flat list columns take the same route: flatten, then reshape.
     """
     shape = layout.frame_shape(name)
-    values = _values(table.column(name))
+    # Chunk by chunk into one new array: a single copy (combine_chunks, then a writable copy for
+    # torch, which refuses read-only memory, would be two).
+    parts = [_values(chunk).to_numpy(zero_copy_only=False) for chunk in table.column(name).chunks]
+    values = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
     if len(values) != table.num_rows * math.prod(shape):
         raise UserError(_size_message(name, len(values) // max(table.num_rows, 1), shape))
-    array = values.to_numpy(zero_copy_only=False).reshape(table.num_rows, *shape)
-    return np.require(array, requirements="W")  # torch refuses read-only memory
+    return values.reshape(table.num_rows, *shape)
 
 
 def _size_message(name: str, per_row: int, shape: tuple[int, ...]) -> str:
