@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.augment import augment_batch
 from common.data import to_device
-from common.errors import ConfigurationError
+from common.errors import ConfigurationError, NonFiniteLossError, TrainingInterrupted
 from common.pictures import picture_due, save_predictions
 from common.specs import TrainSpec
 
@@ -173,13 +175,67 @@ def augment_generator(seed: int, epoch: int, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str) -> dict[str, float]:
-    """The epoch's one host sync: loss means and metrics as python floats."""
-    means = (loss_sums / max(batches, 1)).tolist()  # host sync (once per epoch, deliberate)
+PROGRESS_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
+
+
+def progress(loader, desc: str, runtime: Runtime):
+    """Iterate ``loader`` with a progress display fit for where the output goes.
+
+    A terminal or a notebook gets a tqdm bar; a log file (CI, Modal, nohup) gets no carriage
+    returns, only a plain line every ``PROGRESS_SECONDS`` for epochs that take longer than that.
+    """
+    if not runtime.is_main:
+        yield from loader
+        return
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        yield from tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    for step, batch in enumerate(loader, 1):
+        yield batch
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS:
+            print(f"{desc}: {step}/{len(loader)} batches, {now - start:.0f}s", file=sys.stderr, flush=True)
+            last = now
+
+
+class NonFiniteWatch:
+    """Counts steps whose loss is NaN or inf, with the first and last such step, on the device.
+
+    ``update`` is torch ops only (no host sync); the counts travel with the epoch's one transfer.
+    ``values`` = [bad steps, first bad step, last bad step] (steps 1-based; first = inf when none).
+    """
+
+    def __init__(self, device: torch.device):
+        self.values = torch.tensor([0.0, math.inf, 0.0], device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = (~torch.isfinite(loss.detach().float())).float()  # 0-dim, stays on the device
+        self.values[0] += bad
+        self.values[1] = torch.minimum(self.values[1], torch.where(bad > 0, float(step), math.inf))
+        self.values[2] = torch.maximum(self.values[2], bad * step)
+
+    @staticmethod
+    def check(counts: list[float], prefix: str, epoch: int, steps: int) -> None:
+        bad, first, last = counts
+        if bad:
+            raise NonFiniteLossError(
+                f"{prefix} loss was NaN or inf in epoch {epoch + 1} at steps {int(first)}-{int(last)} of "
+                f"{steps} ({int(bad)} steps); training stopped and the last checkpoint still holds the "
+                "last good epoch; lower --lr or check the data (precompute.py --validate)")
+
+
+def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str,
+                  watch: NonFiniteWatch | None = None, epoch: int = 0) -> dict[str, float]:
+    """The epoch's one host sync: loss means, non-finite step counts and metrics as python floats."""
+    health = watch.values if watch is not None else torch.zeros(3, device=loss_sums.device)
+    synced = torch.cat([loss_sums / max(batches, 1), health]).tolist()  # host sync (once per epoch)
+    means, counts = synced[:len(task.loss_terms)], synced[len(task.loss_terms):]
+    NonFiniteWatch.check(counts, prefix, epoch, batches)
     values = {f"{prefix}_{name}": value for name, value in zip(task.loss_terms, means)}
     values.update({f"{prefix}_{name}": value for name, value in task.compute_metrics().items()})
     if not math.isfinite(values[f"{prefix}_loss"]):
-        raise FloatingPointError(f"{prefix} loss is {values[f'{prefix}_loss']}; lower --lr or check the data")
+        NonFiniteWatch.check([1.0, 1.0, float(batches)], prefix, epoch, batches)
     return values
 
 
@@ -190,9 +246,8 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
     loss_sums = torch.zeros(len(task.loss_terms), device=runtime.device)
     generator = augment_generator(seed, epoch, runtime.device)
     loader.sampler.set_epoch(epoch)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
-               disable=not runtime.is_main)
-    for batch in bar:
+    watch = NonFiniteWatch(runtime.device)
+    for step, batch in enumerate(progress(loader, f"epoch {epoch + 1} train", runtime), 1):
         batch = to_device(batch, runtime.device, runtime.channels_last)
         if augment:
             batch = augment_batch(batch, generator)
@@ -200,9 +255,10 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
             outputs = model(batch["image"])
         losses = task.loss(outputs, batch, epoch)
         stepper(losses["loss"], optimizer, model.parameters())
+        watch.update(losses["loss"], step)
         loss_sums += torch.stack([losses[name].detach().float() for name in task.loss_terms])
         task.update_metrics(outputs, batch)
-    return _finish_epoch(task, loss_sums, len(loader), "train")
+    return _finish_epoch(task, loss_sums, len(loader), "train", watch, epoch)
 
 
 @torch.no_grad()
@@ -210,15 +266,16 @@ def evaluate(model, loader, task, runtime: Runtime, epoch: int) -> dict[str, flo
     model.eval()
     task.metrics.reset()
     loss_sums = torch.zeros(len(task.loss_terms), device=runtime.device)
-    for batch in tqdm(loader, desc=f"epoch {epoch + 1} valid", leave=False, dynamic_ncols=True,
-                      disable=not runtime.is_main):
+    watch = NonFiniteWatch(runtime.device)
+    for step, batch in enumerate(progress(loader, f"epoch {epoch + 1} valid", runtime), 1):
         batch = to_device(batch, runtime.device, runtime.channels_last)
         with runtime.autocast():
             outputs = model(batch["image"])
         losses = task.loss(outputs, batch, epoch)
+        watch.update(losses["loss"], step)
         loss_sums += torch.stack([losses[name].detach().float() for name in task.loss_terms])
         task.update_metrics(outputs, batch)
-    return _finish_epoch(task, loss_sums, len(loader), "valid")
+    return _finish_epoch(task, loss_sums, len(loader), "valid", watch, epoch)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -230,6 +287,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = 0
     history: list = None
+    data_fingerprint: str | None = None  # shard fingerprint of the dataset it trained on
 
     def __post_init__(self):
         self.history = self.history or []
@@ -256,25 +314,37 @@ def cosine_factor(epoch: int, epochs: int, floor: float = 0.01) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resume_training(path, model, optimizer, scheduler, stepper) -> TrainState:
-    """Restore model/optimizer/scheduler/scaler, counters, history and RNG from a checkpoint."""
-    from common.checkpoint import load_checkpoint, restore_training_state
+def resume_training(path, model, optimizer, scheduler, stepper, image_size=None,
+                    fingerprint: str | None = None) -> TrainState:
+    """Restore model/optimizer/scheduler/scaler, counters, history and RNG from a checkpoint.
+
+    A checkpoint of another model or another frame size is refused with one line; a dataset whose
+    shard fingerprint differs from the one the checkpoint trained on gets a warning.
+    """
+    from common.checkpoint import check_resumable, load_checkpoint, restore_training_state
 
     checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint, path, getattr(model, "model_name", None), image_size)
     epoch, best = restore_training_state(checkpoint, model, optimizer, scheduler, stepper)
     extras = checkpoint.get("train_state", {})
+    before = extras.get("data_fingerprint")
+    if before and fingerprint and before != fingerprint:
+        print(f"warning: the dataset changed since {path} was saved (shard fingerprint {before}, now "
+              f"{fingerprint}); the resumed run will not match an uninterrupted one", file=sys.stderr)
     if "rng" in checkpoint:
         set_rng_state(checkpoint["rng"])
     print(f"resumed from {path} after epoch {epoch} (best {best})")
     return TrainState(epoch=epoch, best_metric=-math.inf if best is None else best,
-                      best_epoch=extras.get("best_epoch", 0), history=extras.get("history", []))
+                      best_epoch=extras.get("best_epoch", 0), history=extras.get("history", []),
+                      data_fingerprint=fingerprint)
 
 
 def save_training_checkpoint(path, model, optimizer, scheduler, stepper, state: TrainState, args,
                              image_size) -> None:
     from common.checkpoint import save_checkpoint
 
-    train_state = {"best_epoch": state.best_epoch, "history": state.history}
+    train_state = {"best_epoch": state.best_epoch, "history": state.history,
+                   "data_fingerprint": state.data_fingerprint}
     save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=stepper,
                     epoch=state.epoch, best_metric=state.best_metric, args=args, input_size=image_size,
                     extra={"rng": rng_state(), "train_state": train_state})
@@ -292,6 +362,7 @@ def summary_line(row: dict, best_metric: str, improved: bool) -> str:
              f"train_miou {row['train_iou']:.4f}", f"valid_miou {row['valid_iou']:.4f}",
              f"valid_pupil_iou {row['valid_pupil_iou']:.4f}"]
     parts += [f"{k} {row[k]:.2f}" for k in ("valid_center_error_px", "valid_radius_error_px") if k in row]
+    parts += [f"{k} {row[k]:.0f}" for k in ("train_negatives", "valid_negatives") if row.get(k)]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
     if improved:
         parts.append(f"* new best valid_{metric_label(best_metric)}")
@@ -384,7 +455,7 @@ def run_epoch(s: Session, state: TrainState, epoch: int) -> dict:
         s.tracker.log_artifact(path, artifact_path="checkpoints")
     if s.runtime.is_main and picture_due(epoch + 1, s.args.epochs):
         # the plain module: a compiled one would recompile for the picture's batch size
-        picture = save_predictions(s.out_dir / f"predictions_epoch_{epoch + 1}.png", s.model,
+        picture = save_predictions(s.out_dir / s.spec.predictions_name(epoch + 1), s.model,
                                    s.loaders.valid.dataset, s.task.name, s.runtime)
         s.tracker.log_artifact(picture, artifact_path="predictions")
     return row
@@ -394,7 +465,7 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     """Resolve runtime and data, build (or resume) the model, start tracking."""
     from pathlib import Path
 
-    from common.data import open_loaders
+    from common.data import open_loaders, source_fingerprint
     from common.history import write_run_config
     from common.models import count_parameters, model_task
     from common.tasks import TASKS
@@ -406,9 +477,13 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     targets = TASKS[model_task(spec.model_name)].targets  # what the batches must carry for this task
     loaders, source = open_loaders(args, targets, runtime.pin_memory)
     model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
-    state = resume_training(args.resume, model, optimizer, scheduler, stepper) if args.resume else TrainState()
+    fingerprint = source_fingerprint(source)
+    state = TrainState(data_fingerprint=fingerprint)
+    if args.resume:
+        state = resume_training(args.resume, model, optimizer, scheduler, stepper, loaders.image_size,
+                                fingerprint)
     forward = prepare_model(model, runtime)
-    write_run_config(out_dir, args, runtime.describe())
+    write_run_config(out_dir, args, runtime.describe(), spec.args_name)
     tracker = Tracker.from_env(spec.experiment, run_name=f"{spec.file_stem}-{out_dir.name}")
     tracker.start(params={**vars(args), "parameters": count_parameters(model), "dataset": str(source)},
                   tags={"model_type": spec.model_type, "architecture": spec.architecture})
@@ -427,25 +502,27 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
     ``on_saved()``, when given, runs after each epoch's files and after the final export are
     written: the Modal job commits its output volume there, so a lost container costs one epoch.
     """
+    from common.cli import signals_as_interrupt
     from common.history import plot_curves, write_history
 
     saved = on_saved or (lambda: None)
     session, state = open_session(args, spec)
     try:
-        for epoch in range(state.epoch, args.epochs):
-            run_epoch(session, state, epoch)
-            write_history(session.out_dir, state.history)
+        with signals_as_interrupt():
+            for epoch in range(state.epoch, args.epochs):
+                run_epoch(session, state, epoch)
+                write_history(session.out_dir, state.history, spec.metrics_name)
+                saved()
+            curves = plot_curves(session.out_dir, state.history, spec.curves_name) if state.history else None
+            onnx_path = _export_best(session.out_dir, spec, session.loaders.image_size, session.runtime)
             saved()
-        curves = plot_curves(session.out_dir, state.history) if state.history else None
-        onnx_path = _export_best(session.out_dir, spec, session.loaders.image_size, session.runtime)
-        saved()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         session.tracker.finish("KILLED")
-        raise
+        raise interrupted(exc, session.out_dir / spec.last_name) from None
     except BaseException:
         session.tracker.finish("FAILED")
         raise
-    for path in (curves, onnx_path, session.out_dir / "metrics.csv"):
+    for path in (curves, onnx_path, session.out_dir / f"{spec.metrics_name}.csv"):
         if path is not None and path.exists():
             session.tracker.log_artifact(path)
     session.tracker.finish("FINISHED")
@@ -455,6 +532,23 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
                "best_checkpoint": str(session.out_dir / spec.best_name), "onnx": str(onnx_path) if onnx_path else None}
     print(final_line(summary, metric_label(session.task.best_metric)))
     return summary
+
+
+def interrupted(exc: KeyboardInterrupt, last) -> TrainingInterrupted:
+    """The one line for Ctrl-C / SIGTERM: which epoch ``last`` holds and how to resume from it."""
+    import signal
+
+    from common.checkpoint import CheckpointError, load_checkpoint
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    try:
+        epoch = load_checkpoint(last)["epoch"]
+    except CheckpointError:
+        return TrainingInterrupted(f"interrupted ({name}) before the first epoch finished; nothing to "
+                                   "resume, start the run again", signum)
+    return TrainingInterrupted(f"interrupted ({name}); {last} holds epoch {epoch}, the last completed one: "
+                               f"run the same command with --resume {last} to continue", signum)
 
 
 def final_line(summary: dict, best_label: str) -> str:
