@@ -28,8 +28,12 @@ def require_hf_token() -> str:
 
 def describe_hub_error(repo_id: str, exc: Exception, cache=None) -> str:
     """One line for a failed Hub download: not found, private, gated, or no network."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     login = "set HF_TOKEN or run `hf auth login`"
     if isinstance(exc, GatedRepoError):
