@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -83,13 +84,26 @@ def list_inputs(path: Path) -> list[Path]:
 FrameItem = tuple[Path, int, str, np.ndarray]  # (source file, frame index, output name, frame)
 
 
-def iter_frames(files: list[Path], every: int, grayscale: bool) -> Iterator[FrameItem]:
-    """Yield (source file, frame index, output name, (H, W) uint8 frame) for every input frame."""
+def iter_frames(files: list[Path], every: int, grayscale: bool, skipped: list | None = None
+                ) -> Iterator[FrameItem]:
+    """Yield (source file, frame index, output name, (H, W) uint8 frame) for every input frame.
+
+    With ``skipped`` (a folder of inputs), an image that cannot be used is reported on one line,
+    appended there and passed over; without it, it stops the run (one named input).
+    """
     for path in files:
         if path.suffix.lower() in VIDEO_SUFFIXES:
             yield from iter_video(path, every)
-        else:
-            yield path, 0, path.stem, read_frame(path, grayscale=grayscale)
+            continue
+        try:
+            frame = read_frame(path, grayscale=grayscale)
+        except InputError as exc:
+            if skipped is None:
+                raise
+            print(f"warning: skipped {exc}", file=sys.stderr)
+            skipped.append(path)
+            continue
+        yield path, 0, path.stem, frame
 
 
 def iter_video(path: Path, every: int) -> Iterator[FrameItem]:
@@ -147,9 +161,9 @@ def main(args: argparse.Namespace) -> Path:
     predictor = PupilPredictor(args.model, device=args.device, threshold=args.threshold,
                                expected_model=args.expected_model)
     out = Path(args.output_dir)
-    rows = []
+    rows, skipped = [], [] if args.input.is_dir() else None
     # disable=None: a progress bar on a terminal, none in logs and pipes.
-    progress = tqdm(iter_frames(files, args.every, args.grayscale), desc="predict", unit="frame",
+    progress = tqdm(iter_frames(files, args.every, args.grayscale, skipped), desc="predict", unit="frame",
                     disable=None)
     offset = (args.roi[0], args.roi[1]) if args.roi else (0, 0)
     for source, index, name, frame in progress:
@@ -165,7 +179,8 @@ def main(args: argparse.Namespace) -> Path:
     writer.writerows(rows)
     csv_path = atomic_write_text(out / "ellipses.csv", text.getvalue())
     found = sum(row["found"] for row in rows)
-    print(f"{len(rows)} frames, pupil found in {found}; wrote {csv_path}")
+    unused = f", {len(skipped)} unreadable files skipped" if skipped else ""
+    print(f"{len(rows)} frames, pupil found in {found}{unused}; wrote {csv_path}")
     return csv_path
 
 

@@ -2,9 +2,10 @@
 
 Saves, in --output-dir: best_efficientvit_model.pt (best validation mIoU, the mean of background
 and pupil IoU), an efficientvit_model_epoch_{n}_miou_{miou}.pt on every improvement,
-last_efficientvit_model.pt (for --resume), best_efficientvit_model.onnx, args.json,
-metrics.csv/json, training_curves.png, and predictions_epoch_{n}.png (validation frames with the
-true and predicted pupil) every 5 epochs and at the last one.
+last_efficientvit_model.pt (for --resume), best_efficientvit_model.onnx, args_efficientvit_model.json,
+metrics_efficientvit_model.csv/json, training_curves_efficientvit_model.png, and
+predictions_efficientvit_model_epoch_{n}.png (validation frames with the true and predicted pupil)
+every 5 epochs and at the last one.
 MLflow logging is on when MLFLOW_TRACKING_URI is set.
 
 Examples:

@@ -2,10 +2,11 @@
 
 Saves, in --output-dir: best_efficientvit_tiny_model.pt (best validation mIoU),
 efficientvit_tiny_model_epoch_{n}.pt on every improvement, last_efficientvit_tiny_model.pt (for
---resume), best_efficientvit_tiny_model.onnx, args.json, metrics.csv/json, training_curves.png,
-and predictions_epoch_{n}.png (validation frames with the true and predicted pupil) every 5
-epochs and at the last one. Checkpoint names never collide with train_efficientvit_local.py's,
-so both can share an output folder (the metrics, curves and pictures are then the last run's).
+--resume), best_efficientvit_tiny_model.onnx, args_efficientvit_tiny_model.json,
+metrics_efficientvit_tiny_model.csv/json, training_curves_efficientvit_tiny_model.png, and
+predictions_efficientvit_tiny_model_epoch_{n}.png (validation frames with the true and predicted
+pupil) every 5 epochs and at the last one. No file name collides with train_efficientvit_local.py's,
+so both can share an output folder.
 
 Examples:
     python train_efficientvit_tiny_local.py --demo

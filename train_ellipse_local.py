@@ -3,9 +3,9 @@
 Saves, in --output-dir: best_ellipse_model.pt (best validation mIoU of the drawn axis-aligned
 ellipse with the pupil mask: the mean of background and pupil IoU), ellipse_model_epoch_{n}.pt
 every 10 epochs and at the final epoch, last_ellipse_model.pt (for --resume),
-best_ellipse_model.onnx, args.json, metrics.csv/json, training_curves.png, and
-predictions_epoch_{n}.png (validation frames with the true pupil and the predicted ellipse) every
-5 epochs and at the last one.
+best_ellipse_model.onnx, args_ellipse_model.json, metrics_ellipse_model.csv/json,
+training_curves_ellipse_model.png, and predictions_ellipse_model_epoch_{n}.png (validation frames
+with the true pupil and the predicted ellipse) every 5 epochs and at the last one.
 
 Examples:
     python train_ellipse_local.py --demo

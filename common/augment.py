@@ -120,6 +120,7 @@ def flip_batch(batch: dict, flip: torch.Tensor) -> dict:
     Pixel convention (the one ``common.preprocess.fit_ellipse`` reports, OpenCV's): pixel column
     x has its centre at x, and cx = x / W. A flip moves column x to W - 1 - x, so the centre
     becomes (W - 1 - x) / W, i.e. cx -> (W - 1) / W - cx (not 1 - cx). cy, rx, ry do not change.
+    An empty target (0, 0, 0, 0: a frame without a pupil) stays empty.
 
     Shape:
         flip: (B,) bool; image (B, 1, H, W), label/spatial_weights (B, H, W), dist_map
@@ -134,7 +135,8 @@ def flip_batch(batch: dict, flip: torch.Tensor) -> dict:
     if "ellipse" in batch:
         width = batch["image"].shape[-1]
         ellipse = batch["ellipse"]
-        cx = torch.where(flip, (width - 1) / width - ellipse[:, 0], ellipse[:, 0])  # (B,)
+        has_pupil = ellipse.ne(0).any(dim=1)  # (B,) negatives store (0, 0, 0, 0)
+        cx = torch.where(flip & has_pupil, (width - 1) / width - ellipse[:, 0], ellipse[:, 0])  # (B,)
         out["ellipse"] = torch.cat([cx[:, None], ellipse[:, 1:]], dim=1)
     return out
 

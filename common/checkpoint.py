@@ -93,8 +93,8 @@ def save_checkpoint(
         "model_config": models.model_config(model, input_size=tuple(input_size)),
         **extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(checkpoint, handle)  # a Python file: a full disk raises OSError(ENOSPC), not RuntimeError
     return Path(path)
 
 
@@ -112,7 +112,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"other than tensors and plain Python values ({first_line})"
         ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors... on corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint "
+                              f"({type(exc).__name__}: {first_line})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
             f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, expected a dict"
@@ -156,6 +158,19 @@ def _load_weights(model: nn.Module, state_dict: dict, path, name: str) -> None:
 def load_model(path: str | os.PathLike, device="cpu", expected_name: str | None = None) -> nn.Module:
     """Load a checkpoint and return its model in eval mode on ``device``."""
     return model_from_checkpoint(load_checkpoint(path), path, device, expected_name)
+
+
+def check_resumable(checkpoint: dict, path, model_name: str | None, image_size=None) -> None:
+    """Refuse ``--resume`` of a checkpoint of another model or another frame size, in one line."""
+    config = checkpoint["model_config"]
+    if model_name is not None and config["name"] != model_name:
+        raise CheckpointError(f"cannot resume from {path}: it holds a '{config['name']}' model and this "
+                              f"script trains '{model_name}'; pass that script's last_*.pt")
+    saved = config.get("input_size")
+    if image_size is not None and saved is not None and tuple(saved) != tuple(image_size):
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained on {saved[0]}x{saved[1]} frames and this dataset "
+            f"has {image_size[0]}x{image_size[1]}; use the dataset it trained on, or start a new run")
 
 
 def restore_training_state(checkpoint: dict, model, optimizer=None, scheduler=None, scaler=None):

@@ -92,17 +92,15 @@ def hub_snapshot(repo_id: str, data_dir: Path) -> Path:
     With HF_HUB_OFFLINE=1 huggingface_hub answers from the cache without any request.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from common.hub import describe_hub_error
 
     try:
         path = snapshot_download(repo_id, repo_type="dataset", cache_dir=str(data_dir / "hub"),
                                  allow_patterns=[f"{DATA_DIR}/*.parquet", f"{DATA_DIR}/*/*.parquet", "*.json",
                                                  "README.md"])
-    except LocalEntryNotFoundError as exc:
-        raise UserError(
-            f"dataset {repo_id} is not in the cache {data_dir / 'hub'} and cannot be downloaded "
-            f"({exc.__class__.__name__}); connect once without HF_HUB_OFFLINE, or use --dataset/--demo"
-        ) from None
+    except (OSError, ValueError) as exc:  # HTTP errors, a missing repo, no network, a malformed repo id
+        raise UserError(describe_hub_error(repo_id, exc, data_dir / "hub")) from None
     return Path(path)
 
 
@@ -158,18 +156,40 @@ def load_splits(path: Path, data_dir: Path) -> DatasetDict:
     """
     cache = str(data_dir / "datasets" / source_fingerprint(path))
     card = path / "README.md"
-    if card.is_file() and "configs:" in card.read_text(errors="replace"):
-        dataset = load_dataset(str(path), cache_dir=cache)
-    else:
-        files = split_files(path)
-        if not files:
-            raise UserError(f"{path} has no {DATA_DIR}/{{split}}-*.parquet or "
-                            f"{DATA_DIR}/{{split}}/*.parquet files")
-        dataset = load_dataset("parquet", data_files=files, cache_dir=cache)
+    _check_shards(path, footers_only=True)  # footers are a few KB: a truncated shard is named up front
+    try:
+        if card.is_file() and "configs:" in card.read_text(errors="replace"):
+            dataset = load_dataset(str(path), cache_dir=cache)
+        else:
+            files = split_files(path)
+            if not files:
+                raise UserError(f"{path} has no {DATA_DIR}/{{split}}-*.parquet or "
+                                f"{DATA_DIR}/{{split}}/*.parquet files")
+            dataset = load_dataset("parquet", data_files=files, cache_dir=cache)
+    except UserError:
+        raise
+    except Exception:  # datasets wraps Arrow's errors; find the shard that cannot be read
+        _check_shards(path, footers_only=False)
+        raise
     missing = [s for s in (TRAIN_SPLIT, VALID_SPLIT) if s not in dataset]
     if missing:
         raise UserError(f"dataset {path} has no {' or '.join(missing)} split (found {sorted(dataset)})")
     return dataset
+
+
+def _check_shards(path: Path, footers_only: bool) -> None:
+    """UserError naming the first shard pyarrow cannot read (its footer, or all of it), with what to do."""
+    import pyarrow.parquet as pq
+
+    read = pq.read_metadata if footers_only else pq.read_table
+    for shard in _shards(path):
+        try:
+            read(shard)
+        except Exception as exc:  # ArrowInvalid, OSError, ...: each means the file is unusable
+            reason = (str(exc).strip().splitlines() or [""])[0].rsplit("': ", 1)[-1][:160]
+            raise UserError(f"cannot read shard {shard} ({reason}): it is truncated or corrupt; check it "
+                            f"with `precompute.py --validate --output-dir {path}` or rerun precompute.py "
+                            "to rewrite it") from None
 
 
 # ----------------------------------------------------------------------------- batches
@@ -235,7 +255,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     (``shard``), the same every epoch, and shuffles only within it, so a device-resident split holds
     that shard alone. Training shards are equal in size (the ``length % world_size`` remainder rows
     are left out) so that every rank takes the same number of steps; validation shards are whole
-    batches of the single-process order, dealt out in turn, covering every row once. With one process the shard is every row and the order is ``randperm(length)``.
+    batches of the single-process order, dealt out in turn, covering every row once. With one
+    process the shard is every row and the order is ``randperm(length)``.
     """
 
     def __init__(self, length: int, batch_size: int, shuffle: bool, seed: int = 0,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +29,8 @@ from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.augment import augment_batch
 from common.data import to_device
-from common.distributed import all_reduce_sum_, init_distributed, shutdown, wrap_for_ddp
-from common.errors import ConfigurationError
+from common.distributed import all_reduce_, init_distributed, shutdown, wrap_for_ddp
+from common.errors import ConfigurationError, NonFiniteLossError, TrainingInterrupted
 from common.metrics import accumulator_dtype
 from common.pictures import picture_due, save_predictions
 from common.specs import TrainSpec
@@ -191,15 +193,74 @@ def loss_accumulator(task, device: torch.device) -> torch.Tensor:
     return torch.zeros(len(task.loss_terms), dtype=accumulator_dtype(device), device=device)
 
 
-def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str) -> dict[str, float]:
-    """The epoch's one host sync: loss means and metrics as python floats, over all DDP ranks."""
-    totals = all_reduce_sum_(torch.cat([loss_sums, loss_sums.new_tensor([batches])]))  # (terms + 1,)
-    all_reduce_sum_(task.metrics.totals)
-    means = (totals[:-1] / totals[-1].clamp(min=1)).tolist()  # host sync (once per epoch, deliberate)
+PROGRESS_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
+
+
+def progress(loader, desc: str, runtime: Runtime):
+    """Iterate ``loader`` with a progress display fit for where the output goes.
+
+    A terminal or a notebook gets a tqdm bar; a log file (CI, Modal, nohup) gets no carriage
+    returns, only a plain line every ``PROGRESS_SECONDS`` for epochs that take longer than that.
+    """
+    if not runtime.is_main:
+        yield from loader
+        return
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        yield from tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    for step, batch in enumerate(loader, 1):
+        yield batch
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS:
+            print(f"{desc}: {step}/{len(loader)} batches, {now - start:.0f}s", file=sys.stderr, flush=True)
+            last = now
+
+
+class NonFiniteWatch:
+    """Counts steps whose loss is NaN or inf, with the first and last such step, on the device.
+
+    ``update`` is torch ops only (no host sync); the counts travel with the epoch's one transfer.
+    ``values`` = [bad steps, first bad step, last bad step] (steps 1-based; first = inf when none).
+    """
+
+    def __init__(self, device: torch.device):
+        self.values = torch.tensor([0.0, math.inf, 0.0], device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        bad = (~torch.isfinite(loss.detach().float())).float()  # 0-dim, stays on the device
+        self.values[0] += bad
+        self.values[1] = torch.minimum(self.values[1], torch.where(bad > 0, float(step), math.inf))
+        self.values[2] = torch.maximum(self.values[2], bad * step)
+
+    @staticmethod
+    def check(counts: list[float], prefix: str, epoch: int, steps: int) -> None:
+        bad, first, last = counts
+        if bad:
+            raise NonFiniteLossError(
+                f"{prefix} loss was NaN or inf in epoch {epoch + 1} at steps {int(first)}-{int(last)} of "
+                f"{steps} ({int(bad)} steps); training stopped and the last checkpoint still holds the "
+                "last good epoch; lower --lr or check the data (precompute.py --validate)")
+
+
+def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str,
+                  watch: NonFiniteWatch | None = None, epoch: int = 0) -> dict[str, float]:
+    """The epoch's one host sync: loss means, non-finite step counts and metrics as python floats,
+    over all DDP ranks (sums of losses, batches and bad steps; the first and last bad step)."""
+    health = watch.values if watch is not None else NonFiniteWatch(loss_sums.device).values
+    bad_steps = health[:1].to(loss_sums.dtype)
+    sums = all_reduce_(torch.cat([loss_sums, loss_sums.new_tensor([batches]), bad_steps]))  # (terms + 2,)
+    bounds = all_reduce_(torch.stack([-health[1], health[2]]), "max")  # (-first bad step, last bad step)
+    all_reduce_(task.metrics.totals)
+    synced = torch.cat([sums, bounds.to(sums.dtype)]).tolist()  # host sync (once per epoch, deliberate)
+    terms, steps = len(task.loss_terms), synced[len(task.loss_terms)]
+    means = [total / max(steps, 1) for total in synced[:terms]]
+    counts = [synced[terms + 1], -synced[terms + 2], synced[terms + 3]]  # bad steps, first, last
+    NonFiniteWatch.check(counts, prefix, epoch, int(steps))
     values = {f"{prefix}_{name}": value for name, value in zip(task.loss_terms, means)}
     values.update({f"{prefix}_{name}": value for name, value in task.compute_metrics().items()})
     if not math.isfinite(values[f"{prefix}_loss"]):
-        raise FloatingPointError(f"{prefix} loss is {values[f'{prefix}_loss']}; lower --lr or check the data")
+        NonFiniteWatch.check([1.0, 1.0, float(batches)], prefix, epoch, batches)
     return values
 
 
@@ -210,9 +271,8 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
     loss_sums = loss_accumulator(task, runtime.device)
     generator = augment_generator(seed, epoch, runtime.device, runtime.rank)
     loader.sampler.set_epoch(epoch)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, dynamic_ncols=True,
-               disable=not runtime.is_main)
-    for batch in bar:
+    watch = NonFiniteWatch(runtime.device)
+    for step, batch in enumerate(progress(loader, f"epoch {epoch + 1} train", runtime), 1):
         batch = to_device(batch, runtime.device, runtime.channels_last)
         if augment:
             batch = augment_batch(batch, generator)
@@ -220,9 +280,10 @@ def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runt
             outputs = model(batch["image"])
         losses = task.loss(outputs, batch, epoch)
         stepper(losses["loss"], optimizer, model.parameters())
+        watch.update(losses["loss"], step)
         loss_sums += torch.stack([losses[name].detach() for name in task.loss_terms]).to(loss_sums.dtype)
         task.update_metrics(outputs, batch)
-    return _finish_epoch(task, loss_sums, len(loader), "train")
+    return _finish_epoch(task, loss_sums, len(loader), "train", watch, epoch)
 
 
 @torch.no_grad()
@@ -230,15 +291,16 @@ def evaluate(model, loader, task, runtime: Runtime, epoch: int) -> dict[str, flo
     model.eval()
     task.metrics.reset()
     loss_sums = loss_accumulator(task, runtime.device)
-    for batch in tqdm(loader, desc=f"epoch {epoch + 1} valid", leave=False, dynamic_ncols=True,
-                      disable=not runtime.is_main):
+    watch = NonFiniteWatch(runtime.device)
+    for step, batch in enumerate(progress(loader, f"epoch {epoch + 1} valid", runtime), 1):
         batch = to_device(batch, runtime.device, runtime.channels_last)
         with runtime.autocast():
             outputs = model(batch["image"])
         losses = task.loss(outputs, batch, epoch)
+        watch.update(losses["loss"], step)
         loss_sums += torch.stack([losses[name].detach() for name in task.loss_terms]).to(loss_sums.dtype)
         task.update_metrics(outputs, batch)
-    return _finish_epoch(task, loss_sums, len(loader), "valid")
+    return _finish_epoch(task, loss_sums, len(loader), "valid", watch, epoch)
 
 
 # ----------------------------------------------------------------------------- fit
@@ -250,6 +312,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = 0
     history: list = None
+    data_fingerprint: str | None = None  # shard fingerprint of the dataset it trained on
 
     def __post_init__(self):
         self.history = self.history or []
@@ -276,25 +339,37 @@ def cosine_factor(epoch: int, epochs: int, floor: float = 0.01) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resume_training(path, model, optimizer, scheduler, stepper) -> TrainState:
-    """Restore model/optimizer/scheduler/scaler, counters, history and RNG from a checkpoint."""
-    from common.checkpoint import load_checkpoint, restore_training_state
+def resume_training(path, model, optimizer, scheduler, stepper, image_size=None,
+                    fingerprint: str | None = None) -> TrainState:
+    """Restore model/optimizer/scheduler/scaler, counters, history and RNG from a checkpoint.
+
+    A checkpoint of another model or another frame size is refused with one line; a dataset whose
+    shard fingerprint differs from the one the checkpoint trained on gets a warning.
+    """
+    from common.checkpoint import check_resumable, load_checkpoint, restore_training_state
 
     checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint, path, getattr(model, "model_name", None), image_size)
     epoch, best = restore_training_state(checkpoint, model, optimizer, scheduler, stepper)
     extras = checkpoint.get("train_state", {})
+    before = extras.get("data_fingerprint")
+    if before and fingerprint and before != fingerprint:
+        print(f"warning: the dataset changed since {path} was saved (shard fingerprint {before}, now "
+              f"{fingerprint}); the resumed run will not match an uninterrupted one", file=sys.stderr)
     if "rng" in checkpoint:
         set_rng_state(checkpoint["rng"])
     print(f"resumed from {path} after epoch {epoch} (best {best})")
     return TrainState(epoch=epoch, best_metric=-math.inf if best is None else best,
-                      best_epoch=extras.get("best_epoch", 0), history=extras.get("history", []))
+                      best_epoch=extras.get("best_epoch", 0), history=extras.get("history", []),
+                      data_fingerprint=fingerprint)
 
 
 def save_training_checkpoint(path, model, optimizer, scheduler, stepper, state: TrainState, args,
                              image_size) -> None:
     from common.checkpoint import save_checkpoint
 
-    train_state = {"best_epoch": state.best_epoch, "history": state.history}
+    train_state = {"best_epoch": state.best_epoch, "history": state.history,
+                   "data_fingerprint": state.data_fingerprint}
     save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=stepper,
                     epoch=state.epoch, best_metric=state.best_metric, args=args, input_size=image_size,
                     extra={"rng": rng_state(), "train_state": train_state})
@@ -312,6 +387,7 @@ def summary_line(row: dict, best_metric: str, improved: bool) -> str:
              f"train_miou {row['train_iou']:.4f}", f"valid_miou {row['valid_iou']:.4f}",
              f"valid_pupil_iou {row['valid_pupil_iou']:.4f}"]
     parts += [f"{k} {row[k]:.2f}" for k in ("valid_center_error_px", "valid_radius_error_px") if k in row]
+    parts += [f"{k} {row[k]:.0f}" for k in ("train_negatives", "valid_negatives") if row.get(k)]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
     if improved:
         parts.append(f"* new best valid_{metric_label(best_metric)}")
@@ -413,7 +489,7 @@ def _record_epoch(s: Session, state: TrainState, epoch: int, row: dict, improved
         s.tracker.log_artifact(path, artifact_path="checkpoints")
     if picture_due(epoch + 1, s.args.epochs):
         # the plain module: a compiled one would recompile for the picture's batch size
-        picture = save_predictions(s.out_dir / f"predictions_epoch_{epoch + 1}.png", s.model,
+        picture = save_predictions(s.out_dir / s.spec.predictions_name(epoch + 1), s.model,
                                    s.loaders.valid.dataset, s.task.name, s.runtime)
         s.tracker.log_artifact(picture, artifact_path="predictions")
 
@@ -422,7 +498,7 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
     """Resolve runtime and data, build (or resume) the model, start tracking (rank 0)."""
     from pathlib import Path
 
-    from common.data import open_loaders
+    from common.data import open_loaders, source_fingerprint
     from common.distributed import main_process_first
     from common.models import count_parameters, model_task
     from common.tasks import TASKS
@@ -435,9 +511,11 @@ def open_session(args, spec: TrainSpec) -> tuple[Session, TrainState]:
         loaders, source = open_loaders(args, targets, runtime.pin_memory, runtime.device, runtime.rank,
                                        runtime.world_size)
     model, task, optimizer, scheduler, stepper = build_training(args, spec, runtime, loaders.image_size)
-    state = TrainState()
+    fingerprint = source_fingerprint(source)
+    state = TrainState(data_fingerprint=fingerprint)
     if args.resume:
-        state = resume_training(args.resume, model, optimizer, scheduler, stepper)
+        state = resume_training(args.resume, model, optimizer, scheduler, stepper, loaders.image_size,
+                                fingerprint)
     forward, evaluator = prepare_model(model, runtime)
     tracker = _start_tracking(args, spec, runtime, out_dir, source, count_parameters(model))
     if runtime.is_main:
@@ -457,7 +535,7 @@ def _start_tracking(args, spec: TrainSpec, runtime: Runtime, out_dir, source, pa
 
     if not runtime.is_main or getattr(args, "test_only", False):
         return Tracker(None, spec.experiment)
-    write_run_config(out_dir, args, runtime.describe())
+    write_run_config(out_dir, args, runtime.describe(), spec.args_name)
     tracker = Tracker.from_env(spec.experiment, run_name=f"{spec.file_stem}-{out_dir.name}")
     tracker.start(params={**vars(args), "parameters": parameters, "dataset": str(source)},
                   tags={"model_type": spec.model_type, "architecture": spec.architecture})
@@ -481,28 +559,30 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
 
 
 def _train(session: Session, state: TrainState, saved) -> dict:
+    from common.cli import signals_as_interrupt
     from common.history import plot_curves, write_history
 
-    main = session.runtime.is_main
+    main, spec = session.runtime.is_main, session.spec
     curves = onnx_path = None
     try:
-        for epoch in range(state.epoch, session.args.epochs):
-            run_epoch(session, state, epoch)
+        with signals_as_interrupt():
+            for epoch in range(state.epoch, session.args.epochs):
+                run_epoch(session, state, epoch)
+                if main:
+                    write_history(session.out_dir, state.history, spec.metrics_name)
+                    saved()
+            if main and state.history:
+                curves = plot_curves(session.out_dir, state.history, spec.curves_name)
             if main:
-                write_history(session.out_dir, state.history)
+                onnx_path = _export_best(session.out_dir, spec, session.loaders.image_size, session.runtime)
                 saved()
-        if main:
-            curves = plot_curves(session.out_dir, state.history) if state.history else None
-            onnx_path = _export_best(session.out_dir, session.spec, session.loaders.image_size,
-                                     session.runtime)
-            saved()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         session.tracker.finish("KILLED")
-        raise
+        raise interrupted(exc, session.out_dir / spec.last_name) from None
     except BaseException:
         session.tracker.finish("FAILED")
         raise
-    for path in (curves, onnx_path, session.out_dir / "metrics.csv"):
+    for path in (curves, onnx_path, session.out_dir / f"{spec.metrics_name}.csv"):
         if main and path is not None and path.exists():
             session.tracker.log_artifact(path)
     session.tracker.finish("FINISHED")
@@ -530,6 +610,23 @@ def evaluate_only(session: Session) -> dict:
     if session.runtime.is_main:
         print(f"test-only {json.dumps(metrics)}")
     return metrics
+
+
+def interrupted(exc: KeyboardInterrupt, last) -> TrainingInterrupted:
+    """The one line for Ctrl-C / SIGTERM: which epoch ``last`` holds and how to resume from it."""
+    import signal
+
+    from common.checkpoint import CheckpointError, load_checkpoint
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    try:
+        epoch = load_checkpoint(last)["epoch"]
+    except CheckpointError:
+        return TrainingInterrupted(f"interrupted ({name}) before the first epoch finished; nothing to "
+                                   "resume, start the run again", signum)
+    return TrainingInterrupted(f"interrupted ({name}); {last} holds epoch {epoch}, the last completed one: "
+                               f"run the same command with --resume {last} to continue", signum)
 
 
 def final_line(summary: dict, best_label: str) -> str:

@@ -19,3 +19,26 @@ class ConfigurationError(UserError):
     """Missing credentials, an unavailable device, an impossible option combination: exit 2."""
 
     exit_code = 2
+
+
+class DiskFullError(UserError):
+    """No space left (or the quota is full) while writing a file; the previous file is kept."""
+
+    exit_code = 1
+
+
+class TrainingInterrupted(UserError):
+    """Ctrl-C (SIGINT) or SIGTERM during training: exit 128 + signal number (130, 143)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, exit_code=128 + int(signum))
+        self.signum = int(signum)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signum)
+
+
+class NonFiniteLossError(UserError):
+    """A NaN or infinite loss: training stops and the last good checkpoint stays as it was."""
+
+    exit_code = 1

@@ -9,8 +9,6 @@ The model name is stored in the metadata property ``model_name``.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import onnx
 import torch
 from torch import nn
 
+from common.io import atomic_path
 from common.models import fuse_model, unwrap
 
 OPSET = 18
@@ -92,16 +91,9 @@ def export_onnx(model: nn.Module, path, input_size=(400, 640), *, dynamo: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     base = unwrap(model)
     fused = fuse_model(base).cpu().float()
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        with torch.no_grad():
-            _export_to(fused, tmp, tuple(int(v) for v in input_size), dynamo)
+    with atomic_path(path) as tmp, torch.no_grad():  # permissions from the umask, like a plain write
+        _export_to(fused, tmp, tuple(int(v) for v in input_size), dynamo)
         _finalize(tmp, getattr(base, "model_name", None))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -13,26 +13,26 @@ import torch
 from common.io import atomic_path, atomic_write_json, atomic_write_text
 
 
-def write_run_config(out_dir: Path, args, runtime_description: str) -> Path:
-    """args.json: every resolved argument plus the environment the run used."""
+def write_run_config(out_dir: Path, args, runtime_description: str, name: str = "args.json") -> Path:
+    """args_<model>.json (``TrainSpec.args_name``): every resolved argument plus the environment."""
     config = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runtime": runtime_description,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "platform": platform.platform(), "argv": sys.argv},
     }
-    return atomic_write_json(out_dir / "args.json", config)
+    return atomic_write_json(out_dir / name, config)
 
 
-def write_history(out_dir: Path, history: list[dict]) -> None:
-    """metrics.json and metrics.csv, one row per epoch."""
-    atomic_write_json(out_dir / "metrics.json", history)
+def write_history(out_dir: Path, history: list[dict], name: str = "metrics") -> None:
+    """``name``.json and ``name``.csv (``TrainSpec.metrics_name``), one row per epoch."""
+    atomic_write_json(out_dir / f"{name}.json", history)
     columns = list(dict.fromkeys(key for row in history for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+    atomic_write_text(out_dir / f"{name}.csv", buffer.getvalue())
 
 
 def _loss_panel(axis, epochs, history: list[dict]) -> None:

@@ -26,6 +26,33 @@ def require_hf_token() -> str:
     return token
 
 
+def describe_hub_error(repo_id: str, exc: Exception, cache=None) -> str:
+    """One line for a failed Hub download: not found, private, gated, or no network."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    login = "set HF_TOKEN or run `hf auth login`"
+    if isinstance(exc, GatedRepoError):
+        return (f"dataset {repo_id} is gated: accept its terms at https://huggingface.co/datasets/{repo_id} "
+                f"and {login} with that account")
+    if isinstance(exc, RepositoryNotFoundError):
+        return (f"dataset {repo_id} was not found on the Hub: check the name (owner/name), or, if it is "
+                f"private, {login} with an account that can read it")
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"the Hub refused dataset {repo_id} (HTTP {status}: {first})"
+    where = f" and it is not in the cache {cache}" if cache is not None else ""
+    if isinstance(exc, LocalEntryNotFoundError):
+        return (f"dataset {repo_id} cannot be downloaded (no network, or HF_HUB_OFFLINE is set){where}; "
+                "connect once without HF_HUB_OFFLINE, or use --dataset/--demo")
+    return f"cannot reach the Hub for dataset {repo_id} ({exc.__class__.__name__}: no network?){where}"
+
+
 def make_hub_api(token: str | None):
     """The HfApi client (a seam: tests substitute a recording stand-in for the network part).
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
 import time
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
+
+from common.errors import DiskFullError
 
 T = TypeVar("T")
 
@@ -19,6 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     A crash or a kill at any point leaves either the old file or the new one, never half of one.
     The temporary name starts with '.' so dataset loaders and glob patterns never pick it up.
+    The writer creates it with a plain ``open``, so the file gets the permissions the umask gives.
+    A full disk (ENOSPC, EDQUOT) becomes one ``DiskFullError`` line; the previous file stays.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +33,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = "the previous file is kept" if final.exists() else "nothing was written"
+        raise DiskFullError(f"no space left on the device writing {final} ({kept}); "
+                            "free some space and run the command again") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -168,26 +168,37 @@ def ellipse_loss(
     center_weight: float = 1.0,
     radius_weight: float = 1.0,
     beta: float = ELLIPSE_BETA,
+    has_pupil: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """SmoothL1 on the ellipse centre and semi-axes, in normalized units (see ``ELLIPSE_BETA``).
 
     ``center`` is the mean SmoothL1 over (cx, cy), ``radius`` over (rx, ry), and
-    ``loss = center_weight * center + radius_weight * radius``.
+    ``loss = center_weight * center + radius_weight * radius``. Frames without a pupil have no
+    ellipse to regress: with ``has_pupil`` they are left out of the means (a batch of negatives
+    only gives 0, still attached to the graph).
 
     Args:
         pred: predicted (cx, cy, rx, ry), normalized as in ``common.preprocess``.
         target: ground-truth (cx, cy, rx, ry), same convention.
+        has_pupil: which frames show a pupil (default: all).
 
     Shape:
-        pred (B, 4), target (B, 4) -> dict of 0-dim tensors {"loss", "center", "radius"}.
+        pred (B, 4), target (B, 4), has_pupil (B,) bool -> dict of 0-dim tensors
+        {"loss", "center", "radius"}.
     """
     if pred.ndim != 2 or pred.shape[1] != 4 or target.shape != pred.shape:
         raise ValueError(
             f"expected pred and target of shape (B, 4); got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
     pred, target = pred.float(), target.float()
-    center = F.smooth_l1_loss(pred[:, :2], target[:, :2], beta=beta)
-    radius = F.smooth_l1_loss(pred[:, 2:], target[:, 2:], beta=beta)
+    if has_pupil is None:
+        weight = torch.ones(pred.shape[0], 1, device=pred.device)
+    else:
+        weight = has_pupil.float().view(-1, 1)  # (B, 1)
+    count = weight.sum().clamp_min(1.0) * 2  # two values per frame in each term
+    elementwise = F.smooth_l1_loss(pred, target, beta=beta, reduction="none") * weight  # (B, 4)
+    center = elementwise[:, :2].sum() / count
+    radius = elementwise[:, 2:].sum() / count
     loss = center_weight * center + radius_weight * radius
     return {"loss": loss, "center": center, "radius": radius}
 

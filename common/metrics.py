@@ -208,7 +208,8 @@ class EllipseMetrics(_Accumulator):
         self.totals += batch.to(self.totals.dtype)
 
     def compute(self) -> dict:
-        """{"center_error_px", "radius_error_px", "iou", "pupil_iou", "background_iou"} as floats."""
+        """{"center_error_px", "radius_error_px", "iou", "pupil_iou", "background_iou", "negatives"}
+        as floats; ``negatives`` counts the frames without a pupil (left out of the errors)."""
         center_sum, radius_sum, pupils, pupil_sum, background_sum, frames = self.totals.tolist()  # one transfer
 
         def mean(total: float, count: float) -> float:
@@ -221,6 +222,7 @@ class EllipseMetrics(_Accumulator):
             "iou": (pupil_iou + background_iou) / 2,
             "pupil_iou": pupil_iou,
             "background_iou": background_iou,
+            "negatives": frames - pupils,
         }
 
 

@@ -89,8 +89,8 @@ def check_model(spec, limit: int | None, input_size=(400, 640)) -> torch.nn.Modu
     return model
 
 
-def show_curves(args) -> None:
-    _show(Path(args.output_dir) / "training_curves.png")
+def show_curves(args, spec) -> None:
+    _show(Path(args.output_dir) / spec.curves_name)
 
 
 def show_predictions(args, spec) -> Path:
@@ -113,8 +113,8 @@ def show_predictions(args, spec) -> Path:
 
 
 def final_report(args, spec) -> dict:
-    """Best and final validation metrics of the run, from its metrics.json."""
-    history = json.loads((Path(args.output_dir) / "metrics.json").read_text())
+    """Best and final validation metrics of the run, from its metrics_<model>.json."""
+    history = json.loads((Path(args.output_dir) / f"{spec.metrics_name}.json").read_text())
     best = max(history, key=lambda row: row["valid_iou"])
     keys = [key for key in history[-1] if key.startswith("valid_") and key != "valid_loss"]
     print(f"{spec.model_type}, {len(history)} epochs")

@@ -1,8 +1,8 @@
 """Prediction pictures: a small grid of validation frames with the true and predicted pupil.
 
 Written by the engine every ``PICTURE_EVERY`` epochs and after the last one, as
-``predictions_epoch_{n}.png``. The frames are the same every time (``picture_rows``), so pictures
-of one run compare across epochs.
+``predictions_<model>_epoch_{n}.png``. The frames are the same every time (``picture_rows``), so
+pictures of one run compare across epochs.
 
 Each tile is one validation frame (the preprocessed image the model sees), shrunk to at most
 ``TILE_MAX_WIDTH`` pixels wide, drawn with ``inference.overlay``:

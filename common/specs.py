@@ -32,6 +32,23 @@ class TrainSpec:
     def onnx_name(self) -> str:
         return f"best_{self.file_stem}.onnx"
 
+    # Run files carry the model's stem, so two scripts sharing an --output-dir keep their own.
+    @property
+    def args_name(self) -> str:
+        return f"args_{self.file_stem}.json"
+
+    @property
+    def metrics_name(self) -> str:
+        """Without extension: the history is written as .json and .csv."""
+        return f"metrics_{self.file_stem}"
+
+    @property
+    def curves_name(self) -> str:
+        return f"training_curves_{self.file_stem}.png"
+
+    def predictions_name(self, epoch: int) -> str:
+        return f"predictions_{self.file_stem}_epoch_{epoch}.png"
+
     def epoch_name(self, epoch: int, metric: float) -> str:
         return self.epoch_pattern.format(epoch=epoch, metric=metric)
 

@@ -60,7 +60,8 @@ class EllipseTask:
         self.metrics = EllipseMetrics(*image_size, device=device)
 
     def loss(self, outputs: torch.Tensor, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
-        return ellipse_loss(outputs, batch["ellipse"])
+        has_pupil = batch["label"].flatten(1).any(dim=1)  # negatives (--keep-empty) have no ellipse
+        return ellipse_loss(outputs, batch["ellipse"], has_pupil=has_pupil)
 
     def update_metrics(self, outputs: torch.Tensor, batch: dict) -> None:
         self.metrics.update(outputs.detach().float(), batch["ellipse"], batch["label"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from common.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from common.errors import DiskFullError
 from common.models import build_model
 
 INPUT_SIZE = (64, 96)
@@ -144,12 +146,12 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "best.pt"
     save_checkpoint(path, model=_model(), epoch=1, input_size=INPUT_SIZE)
 
-    def half_written_save(obj, target, *args, **kwargs):
-        Path(target).write_bytes(b"PK\x03\x04 partial")
-        raise OSError("No space left on device")
+    def half_written_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_module.torch, "save", half_written_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match="no space left on the device writing .*best.pt"):
         save_checkpoint(path, model=_model(seed=1), epoch=2, input_size=INPUT_SIZE)
     monkeypatch.undo()
 

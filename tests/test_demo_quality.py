@@ -24,7 +24,7 @@ def test_demo_training_reaches_pupil_iou_0_8(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     match = re.search(r"final validation mIoU ([0-9.]+), pupil IoU ([0-9.]+)", result.stdout)
     miou, pupil_iou = float(match.group(1)), float(match.group(2))
-    last = json.loads((tmp_path / "out" / "metrics.json").read_text())[-1]
+    last = json.loads((tmp_path / "out" / "metrics_efficientvit_model.json").read_text())[-1]
     # the printed values are the last epoch's, each under its own name (4 decimals)
     assert abs(miou - last["valid_iou"]) <= 5e-5 and abs(pupil_iou - last["valid_pupil_iou"]) <= 5e-5
     assert miou == pytest.approx((last["valid_pupil_iou"] + last["valid_background_iou"]) / 2, abs=1e-4)

@@ -43,16 +43,18 @@ def test_training_run_logs_params_metrics_tags_and_artifacts(server, demo_data, 
     assert run.data.tags["model_type"] == "TinyEfficientViT" and "architecture" in run.data.tags
     assert run.data.params["epochs"] == "2" and run.data.params["lr"] == "0.003"
     assert SEGMENTATION_METRICS <= set(run.data.metrics)
-    history = json.loads((tmp_path / "metrics.json").read_text())
+    history = json.loads((tmp_path / "metrics_efficientvit_model.json").read_text())
     logged = client.get_metric_history(run.info.run_id, "valid_iou")
     assert [m.step for m in logged] == [1, 2]
     assert [m.value for m in logged] == pytest.approx([row["valid_iou"] for row in history])
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"best_efficientvit_model.onnx", "training_curves.png", "metrics.csv", "checkpoints"} <= top
+    assert {"best_efficientvit_model.onnx", "training_curves_efficientvit_model.png",
+            "metrics_efficientvit_model.csv", "checkpoints"} <= top
     checkpoints = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert "best_efficientvit_model.pt" in checkpoints
     pictures = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "predictions")}
-    assert pictures == {"predictions_epoch_2.png"}  # the last epoch; the next is due at epoch 5
+    # the last epoch; the next is due at epoch 5
+    assert pictures == {"predictions_efficientvit_model_epoch_2.png"}
     local = client.download_artifacts(run.info.run_id, "best_efficientvit_model.onnx", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == (tmp_path / "best_efficientvit_model.onnx").read_bytes()
 
@@ -64,9 +66,9 @@ def test_ellipse_run_has_its_own_tags_and_terms(server, demo_data, tmp_path):
     assert {"train_loss", "valid_iou", "center_loss", "radius_loss", "valid_center_error_px",
             "valid_radius_error_px", "lr"} <= set(run.data.metrics)
     client = MlflowClient(server.uri)
-    picture = "predictions/predictions_epoch_1.png"
+    picture = "predictions/predictions_ellipse_model_epoch_1.png"
     local = client.download_artifacts(run.info.run_id, picture, str(tmp_path / "dl"))
-    assert Path(local).read_bytes() == (tmp_path / "predictions_epoch_1.png").read_bytes()
+    assert Path(local).read_bytes() == (tmp_path / "predictions_ellipse_model_epoch_1.png").read_bytes()
 
 
 def test_training_survives_the_server_going_away(demo_data, tmp_path):
@@ -79,7 +81,8 @@ def test_training_survives_the_server_going_away(demo_data, tmp_path):
                             env=clean_env(MLFLOW_TRACKING_URI=doomed.uri))
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not (out / "metrics.json").exists() and proc.poll() is None:
+        history = out / "metrics_efficientvit_tiny_model.json"
+        while time.time() < deadline and not history.exists() and proc.poll() is None:
             time.sleep(0.05)
         doomed.stop()
         stdout, stderr = proc.communicate(timeout=600)
@@ -88,7 +91,7 @@ def test_training_survives_the_server_going_away(demo_data, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    assert len(json.loads((out / "metrics.json").read_text())) == 4
+    assert len(json.loads((out / "metrics_efficientvit_tiny_model.json").read_text())) == 4
     assert "MLflow tracking failed" in stderr and "Traceback" not in stderr
     assert (out / "best_efficientvit_tiny_model.onnx").exists()
 

@@ -190,7 +190,7 @@ def test_remote_body_trains_on_the_volumes_and_resumes_by_itself(volumes, capsys
     summary = script.train_remote.local(job_config(script, "shallow-a", "--epochs", "1"))
     run = volumes.runs / "shallow-a"
     assert {"best_shallow_model.pt", "last_shallow_model.pt", "shallow_model_epoch_1.pt",
-            "best_shallow_model.onnx", "metrics.json"} <= {p.name for p in run.iterdir()}
+            "best_shallow_model.onnx", "metrics_shallow_model.json"} <= {p.name for p in run.iterdir()}
     assert summary["best_checkpoint"] == str(run / "best_shallow_model.pt")
     assert any(volumes.data.glob("demo-10-0-32x48/precomputed/manifest.json"))  # data on the data volume
     capsys.readouterr()
@@ -198,7 +198,7 @@ def test_remote_body_trains_on_the_volumes_and_resumes_by_itself(volumes, capsys
     script.train_remote.local(job_config(script, "shallow-a", "--epochs", "2"))
     out = capsys.readouterr().out
     assert "from an earlier attempt: resuming" in out and "after epoch 1" in out
-    assert [row["epoch"] for row in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    assert [row["epoch"] for row in json.loads((run / "metrics_shallow_model.json").read_text())] == [1, 2]
 
 
 @pytest.mark.filterwarnings(LOCAL_CALL)

@@ -56,13 +56,13 @@ def demo_dir(tmp_path_factory):
 def test_one_epoch_writes_every_run_file(script, demo_dir, tmp_path):
     result = train(script, tmp_path, demo_dir, "--epochs", "1")
     stem = {"efficientvit": "efficientvit_model", "tiny": "efficientvit_tiny_model", "ellipse": "ellipse_model"}
-    for name in (f"best_{stem[script]}.pt", f"last_{stem[script]}.pt", f"best_{stem[script]}.onnx",
-                 "args.json", "metrics.csv", "metrics.json", "training_curves.png",
-                 "predictions_epoch_1.png"):
+    s = stem[script]
+    for name in (f"best_{s}.pt", f"last_{s}.pt", f"best_{s}.onnx", f"args_{s}.json", f"metrics_{s}.csv",
+                 f"metrics_{s}.json", f"training_curves_{s}.png", f"predictions_{s}_epoch_1.png"):
         assert (tmp_path / name).is_file(), name
-    history = json.loads((tmp_path / "metrics.json").read_text())
+    history = json.loads((tmp_path / f"metrics_{s}.json").read_text())
     assert len(history) == 1 and history[0]["epoch"] == 1
-    assert json.loads((tmp_path / "args.json").read_text())["args"]["epochs"] == 1
+    assert json.loads((tmp_path / f"args_{s}.json").read_text())["args"]["epochs"] == 1
     assert "epoch   1/1 |" in result.stdout and "final validation" in result.stdout
     assert "warning: MLFLOW_TRACKING_URI is not set" in result.stderr
     checkpoint = load_checkpoint(tmp_path / f"best_{stem[script]}.pt")
@@ -73,16 +73,19 @@ def test_one_epoch_writes_every_run_file(script, demo_dir, tmp_path):
 def test_checkpoint_names_and_no_collision(demo_dir, tmp_path):
     shared = tmp_path / "shared"
     train("efficientvit", shared, demo_dir, "--epochs", "1")
-    first = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.pt")}
+    first = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.*")}
     train("tiny", shared, demo_dir, "--epochs", "1")
-    after = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.pt")}
+    after = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.*")}
     assert all(after[name] == mtime for name, mtime in first.items())  # nothing overwritten
     names = set(after)
     assert {"best_efficientvit_model.pt", "best_efficientvit_tiny_model.pt",
             "efficientvit_tiny_model_epoch_1.pt"} <= names
     assert any(n.startswith("efficientvit_model_epoch_1_miou_") for n in names)
     miou_name = next(n for n in names if n.startswith("efficientvit_model_epoch_1_miou_"))
-    history = json.loads((shared / "metrics.json").read_text())  # tiny run's history now
+    assert {"args_efficientvit_model.json", "args_efficientvit_tiny_model.json",
+            "metrics_efficientvit_model.json", "metrics_efficientvit_tiny_model.json",
+            "training_curves_efficientvit_model.png", "training_curves_efficientvit_tiny_model.png"} <= names
+    history = json.loads((shared / "metrics_efficientvit_tiny_model.json").read_text())
     assert float(miou_name.split("_miou_")[1][:-3]) >= 0.0
     assert history[0]["epoch"] == 1
     train("ellipse", tmp_path / "ellipse", demo_dir, "--epochs", "1")
@@ -109,7 +112,7 @@ def test_resume_after_kill_matches_uninterrupted_run(demo_dir, tmp_path):
     command = [sys.executable, str(ROOT / SCRIPTS["tiny"]), *TINY_DEMO, "--data-dir", str(demo_dir),
                "--output-dir", str(killed), *args]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
-    history = killed / "metrics.json"
+    history = killed / "metrics_efficientvit_tiny_model.json"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if history.exists() and len(json.loads(history.read_text())) >= 1:
@@ -124,7 +127,8 @@ def test_resume_after_kill_matches_uninterrupted_run(demo_dir, tmp_path):
     assert load_checkpoint(last)["epoch"] >= done
     result = train("tiny", killed, demo_dir, *args, "--resume", last)
     assert "resumed from" in result.stdout
-    assert _history_without_timing(killed / "metrics.json") == _history_without_timing(full / "metrics.json")
+    metrics = "metrics_efficientvit_tiny_model.json"
+    assert _history_without_timing(killed / metrics) == _history_without_timing(full / metrics)
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps", "tpu"])
@@ -134,7 +138,7 @@ def test_unavailable_device_exits_2(device, demo_dir, tmp_path):
     result = train("tiny", tmp_path, demo_dir, "--device", device, check=False)
     assert result.returncode == 2
     assert f"device '{device}'" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "args.json").exists()
+    assert not list(tmp_path.glob("args*.json"))
 
 
 def test_resolve_device_auto_and_cpu():

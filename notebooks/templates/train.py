@@ -91,7 +91,7 @@ summary = fit(args, SPEC)
 # Curves: {{CURVES}}
 from common.notebook import show_curves
 
-show_curves(args)
+show_curves(args, SPEC)
 
 # %%
 # Sample predictions on validation frames (true pupil and {{PREDICTION}} overlaid).
