@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -46,7 +47,7 @@ PYTHON_VERSION = "3.11"
 RETRIES = 2  # a preempted or crashed container is restarted this often; each resumes from last_*.pt
 NOT_AUTHENTICATED = ("Modal is not authenticated: run `modal token new` once (or set MODAL_TOKEN_ID and "
                      "MODAL_TOKEN_SECRET), then start the run again")
-MODAL_ONLY = ("gpu", "timeout_hours", "secret", "detach", "local")
+MODAL_ONLY = ("timeout_hours", "secret", "detach", "local")  # flags the job itself ignores
 
 
 # ----------------------------------------------------------------------------- flags
@@ -59,7 +60,15 @@ def parse_gpu(value: str) -> str:
             raise argparse.ArgumentTypeError(f"unknown GPU '{kind}'; choose from {', '.join(GPU_TYPES)}")
         if count and not (count.isdigit() and 1 <= int(count) <= 8):
             raise argparse.ArgumentTypeError(f"GPU count must be 1..8, got '{count}' in '{choice}'")
+    if len({gpu_count(choice) for choice in choices}) > 1:  # the job starts one process per GPU
+        raise argparse.ArgumentTypeError(f"the GPUs of a fallback list need the same count: {value}")
     return ",".join(choices)
+
+
+def gpu_count(value: str) -> int:
+    """GPUs per container of a ``--gpu`` value ('H100:4' -> 4; 'L4' -> 1)."""
+    _, _, count = value.split(",")[0].partition(":")
+    return int(count) if count else 1
 
 
 def parse_timeout_hours(value: str) -> float:
@@ -215,7 +224,8 @@ def run_job(spec, config: dict, on_modal: bool = True) -> dict:
     """The training job, in a Modal container or (``on_modal=False``) in this process.
 
     On Modal the volumes are the data and output folders, a Hub dataset is cached on its
-    volume, and the output volume is committed after every epoch.
+    volume, the output volume is committed after every epoch, and a container with several GPUs
+    trains on all of them through torchrun.
     """
     from common.engine import fit
 
@@ -227,10 +237,40 @@ def run_job(spec, config: dict, on_modal: bool = True) -> dict:
         if not (args.demo or args.dataset):
             data_volume = modal.Volume.from_name(DATA_VOLUME)
             args.dataset = str(volume_dataset(args.hf_repo, data_root, args.run_name, data_volume))
+        processes = gpu_count(getattr(args, "gpu", DEFAULT_GPU))
+        if processes > 1 and "LOCAL_RANK" not in os.environ:
+            return run_torchrun(spec, vars(args), processes)
         runs_volume = modal.Volume.from_name(RUNS_VOLUME)
-        on_saved = lambda: commit(runs_volume)  # noqa: E731
+        on_saved = lambda: commit(runs_volume)  # noqa: E731  (rank 0 alone calls it)
     args.resume = resume_checkpoint(args.resume, Path(args.output_dir), spec)
     return fit(args, spec, on_saved=on_saved)
+
+
+def run_torchrun(spec, config: dict, processes: int) -> dict:
+    """The job on every GPU of the container: torchrun starts one process per GPU, each running
+    ``run_job``; rank 0 writes the summary that this process returns."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        config_path, summary_path = Path(folder) / "config.json", Path(folder) / "summary.json"
+        config_path.write_text(json.dumps(config))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={processes}", "-m", "common.cloud", spec.model_name, str(config_path),
+                   str(summary_path)]
+        print(f"starting {processes} training processes: torchrun --nproc_per_node={processes}")
+        if subprocess.run(command).returncode != 0:
+            raise UserError(f"the {processes}-process run failed; its messages are above")
+        return json.loads(summary_path.read_text())
+
+
+def _torchrun_worker(model_name: str, config_path: str, summary_path: str) -> None:
+    """One torchrun process of ``run_torchrun``."""
+    from common.specs import SPECS
+
+    summary = run_job(SPECS[model_name], json.loads(Path(config_path).read_text()))
+    if os.environ.get("RANK", "0") == "0":
+        Path(summary_path).write_text(json.dumps(summary))
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -331,3 +371,7 @@ def launch(args, spec, function, app: modal.App) -> dict | None:
             return _submit(args, function)
         with modal.enable_output(), app.run(detach=args.detach):
             return _submit(args, function)
+
+
+if __name__ == "__main__":  # a torchrun process started by run_torchrun
+    _torchrun_worker(*sys.argv[1:])

@@ -90,3 +90,4 @@ SHALLOWNET = TrainSpec(
     epoch_pattern="shallow_model_epoch_{epoch}.pt",
     epoch_checkpoint="every_10",
 )
+SPECS = {spec.model_name: spec for spec in (EFFICIENTVIT, EFFICIENTVIT_TINY, ELLIPSE, SHALLOWNET)}

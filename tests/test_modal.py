@@ -110,6 +110,12 @@ def test_gpu_strings(value, ok):
             cloud.parse_gpu(value)
 
 
+def test_gpu_count_and_fallback_lists_of_one_count():
+    assert [cloud.gpu_count(v) for v in ("L4", "H100:4", "H100:2,A100-80GB:2")] == [1, 4, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match="same count"):
+        cloud.parse_gpu("H100:4,A100-80GB")
+
+
 def test_gpu_of_a_command_line_fixes_the_function_gpu():
     assert cloud.gpu_from_argv(["train.py", "--gpu", "H100,A100-80GB"]) == ["H100", "A100-80GB"]
     assert cloud.gpu_from_argv(["modal", "run", "train.py", "--gpu=T4"]) == ["T4"]
@@ -199,6 +205,21 @@ def test_remote_body_trains_on_the_volumes_and_resumes_by_itself(volumes, capsys
     out = capsys.readouterr().out
     assert "from an earlier attempt: resuming" in out and "after epoch 1" in out
     assert [row["epoch"] for row in json.loads((run / "metrics_shallow_model.json").read_text())] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(LOCAL_CALL)
+def test_several_gpus_start_torchrun_inside_the_container(volumes, capfd):
+    # --gpu T4:2 on the CPU: the same torchrun launch a 2-GPU container makes, with gloo instead of NCCL.
+    script = load_script("train_efficientvit.py")
+    config = job_config(script, "vit-2", "--epochs", "1", "--gpu", "T4:2", "--device", "cpu",
+                        "--demo-samples", "24")
+    summary = script.train_remote.local(config)
+    out = capfd.readouterr()
+    assert "starting 2 training processes" in out.out and "rank=0/2" in out.out
+    run = volumes.runs / "vit-2"
+    assert summary["best_checkpoint"] == str(run / "best_efficientvit_model.pt")
+    assert (run / "best_efficientvit_model.onnx").is_file() and (run / "last_efficientvit_model.pt").is_file()
 
 
 @pytest.mark.filterwarnings(LOCAL_CALL)

@@ -1,0 +1,99 @@
+"""torchrun / DistributedDataParallel on the CPU (gloo): real 2-process runs of the training scripts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from common.data import EpochBatchSampler
+from common.distributed import all_reduce_, init_distributed, world_from_env
+from tests.mlflow_server import mlflow_server_fixture  # noqa: F401  (the mlflow_server fixture)
+from tests.test_training import ROOT, clean_env
+
+SCRIPT = str(ROOT / "train_efficientvit_tiny_local.py")
+TINY = ["--demo", "--demo-samples", "24", "--demo-size", "32", "48", "--batch-size", "4",
+        "--num-workers", "0"]
+
+
+def run(nproc: int, *args, data_dir, env=None, timeout=600):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [*(launcher if nproc > 1 else [sys.executable]), SCRIPT, *TINY, "--data-dir", str(data_dir),
+               *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env or clean_env(), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def printed_metrics(result) -> dict:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("test-only ")]
+    assert len(lines) == 1, result.stdout[-2000:]  # rank 0 alone prints
+    return json.loads(lines[0].removeprefix("test-only "))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch trained by a single process: the weights both evaluations load."""
+    root = tmp_path_factory.mktemp("ddp")
+    run(1, "--epochs", "1", "--output-dir", str(root / "single"), data_dir=root / "data")
+    return root
+
+
+@pytest.mark.slow
+def test_two_processes_report_exactly_the_single_process_metrics(trained):
+    checkpoint = trained / "single" / "last_efficientvit_tiny_model.pt"
+    common = ["--test-only", "--resume", str(checkpoint), "--output-dir", str(trained / "eval")]
+    # One thread per process, as torchrun sets it: a float32 reduction inside a loss otherwise
+    # rounds differently with another thread count, whatever the number of processes.
+    env = clean_env(OMP_NUM_THREADS="1")
+    single = printed_metrics(run(1, *common, data_dir=trained / "data", env=env))
+    double = printed_metrics(run(2, *common, data_dir=trained / "data", env=env))
+    assert double == single  # exact: whole batches per rank, float64 sums, all-reduced counts
+    assert set(single) >= {"valid_loss", "valid_iou", "valid_pupil_iou", "valid_background_iou"}
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_and_logs_once_and_resumes(trained, mlflow_server, tmp_path):
+    env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
+    straight, resumed, data = tmp_path / "straight", tmp_path / "resumed", trained / "data"
+    first = run(2, "--epochs", "2", "--output-dir", str(straight), data_dir=data, env=env)
+    assert first.stdout.count("final validation mIoU") == 1 and "rank=0/2" in first.stdout
+    # Resume both ranks from the checkpoint the run saved after epoch 1 (its first improvement).
+    epoch_1 = straight / "efficientvit_tiny_model_epoch_1.pt"
+    again = run(2, "--epochs", "2", "--resume", str(epoch_1), "--output-dir", str(resumed), data_dir=data,
+                env=env)
+    assert "resumed from" in again.stdout and again.stdout.count("final validation mIoU") == 1
+    rows = [json.loads((folder / "metrics_efficientvit_tiny_model.json").read_text())[-1]
+            for folder in (straight, resumed)]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in rows[:1]] == \
+           [{k: v for k, v in row.items() if k != "seconds"} for row in rows[1:]]
+    checkpoint = torch.load(resumed / "last_efficientvit_tiny_model.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in checkpoint["model"])
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("visionassist").experiment_id
+    for run_name in ("efficientvit_tiny_model-straight", "efficientvit_tiny_model-resumed"):
+        runs = client.search_runs([experiment], filter_string=f"tags.mlflow.runName = '{run_name}'")
+        assert len(runs) == 1  # rank 0 alone logs
+
+
+def test_training_batches_are_equal_per_rank_and_validation_batches_are_the_single_process_ones():
+    single_valid = [b for b in EpochBatchSampler(23, 4, shuffle=False)]
+    ranks = [EpochBatchSampler(23, 4, shuffle=False, rank=r, world_size=2) for r in range(2)]
+    dealt = sorted((b for sampler in ranks for b in sampler), key=lambda b: b[0])
+    assert dealt == single_valid  # every row once, in the same batches
+    train = [EpochBatchSampler(23, 4, shuffle=True, drop_last=True, rank=r, world_size=2) for r in range(2)]
+    for sampler in train:
+        sampler.set_epoch(3)
+    assert len(list(train[0])) == len(list(train[1])) == len(train[0])
+    assert not set(sum(list(train[0]), [])) & set(sum(list(train[1]), []))
+
+
+def test_single_process_needs_no_process_group(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert world_from_env() == (0, 0, 1)
+    assert init_distributed(torch.device("cpu")) == (torch.device("cpu"), 0, 1)
+    values = torch.tensor([1.0, 2.0])
+    assert all_reduce_(values, "max") is values and values.tolist() == [1.0, 2.0]
