@@ -109,7 +109,10 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, options: dict | None
     A table without rows gets no row group at all, as from datasets: readers size their batches
     from the first row group, and one of zero rows makes ``load_dataset`` fail.
     """
-    with pq.ParquetWriter(path, table.schema, **(options or parquet_options(table.schema))) as writer:
+    # A Python file object, not a path: a full disk then raises OSError(ENOSPC) from Python's own
+    # write, which the atomic writer reports as one line (and which a test can inject).
+    with open(path, "wb") as handle, \
+            pq.ParquetWriter(handle, table.schema, **(options or parquet_options(table.schema))) as writer:
         if table.num_rows:
             rows_per_group = get_writer_batch_size_from_data_size(table.num_rows, table.nbytes)
             writer.write_table(table, row_group_size=rows_per_group)

@@ -2,8 +2,9 @@
 
     python -m tests.faults.inject [--enospc NAME[:N]] [--hub ROOT [--slow-upload S]] SCRIPT [ARGS...]
 
---enospc NAME[:N]  the N-th (default 1st) atomic write of a file called NAME (a glob) fails with ENOSPC after
-                   leaving a partly written temporary, as on a full disk.
+--enospc NAME[:N]  the N-th (default 1st) atomic write of a file called NAME (a glob), in this process
+                   or in any worker it starts, fails with ENOSPC after leaving a partly written
+                   temporary, as on a full disk.
 --hub ROOT         the Hub client is the recording stand-in (tests/hub_standin.py) keeping repos
                    under ROOT; --slow-upload S waits S seconds after each uploaded file and touches
                    ROOT/uploading, so a test can kill the process part-way through a push.
@@ -77,6 +78,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if known.enospc:
         install_enospc(known.enospc)
+        # Worker processes start fresh interpreters: they install the same hook from sitecustomize.
+        site = str(Path(__file__).resolve().parent / "site")
+        os.environ.update(VA_INJECT_ENOSPC=known.enospc, VA_INJECT_ROOT=str(ROOT),
+                          PYTHONPATH=os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
     if known.hub:
         install_hub(known.hub, known.slow_upload)
     sys.argv = [known.script, *rest]
