@@ -173,7 +173,8 @@ def test_training_metrics_are_identical_on_and_off_the_device(tmp_path):
     on, off = run(tmp_path / "on", tmp_path, "on"), run(tmp_path / "off", tmp_path, "off")
     assert "data on device: on (on, cpu; splits" in on.stdout
     assert "data on device: off (off, cpu; splits" in off.stdout
-    rows = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("on", "off")]
+    rows = [json.loads((tmp_path / name / "metrics_efficientvit_tiny_model.json").read_text())
+            for name in ("on", "off")]
     assert len(rows[0]) == len(rows[1]) == 2
     for left, right in zip(*rows):
         left.pop("seconds"), right.pop("seconds")

@@ -91,9 +91,9 @@ def test_parser_module_imports_without_torch_datasets_or_opencv():
 def test_modal_entrypoint_takes_raw_argv():
     script = load_script("train_ellipse.py")
     assert isinstance(script.modal_main, modal.app.LocalEntrypoint)
-    argv = ["--gpu", "A100-80GB:2,H100", "--run-name", "r1", "--epochs", "3"]
+    argv = ["--gpu", "A100-80GB:2,H100:2", "--run-name", "r1", "--epochs", "3"]
     args = script.get_args_parser().parse_args(argv)
-    assert (args.gpu, args.run_name, args.epochs) == ("A100-80GB:2,H100", "r1", 3)
+    assert (args.gpu, args.run_name, args.epochs) == ("A100-80GB:2,H100:2", "r1", 3)
     assert args.hf_repo == "Conner/sddec25-01"
     assert load_script("train.py").get_args_parser().parse_args([]).hf_repo == "Conner/openeds-precomputed"
 
