@@ -193,28 +193,11 @@ def loss_accumulator(task, device: torch.device) -> torch.Tensor:
     return torch.zeros(len(task.loss_terms), dtype=accumulator_dtype(device), device=device)
 
 
-PROGRESS_SECONDS = 30.0  # without a terminal: at most one progress line per this many seconds
-
-
 def progress(loader, desc: str, runtime: Runtime):
-    """Iterate ``loader`` with a progress display fit for where the output goes.
+    """Iterate ``loader`` with a progress display on rank 0 (a bar, or plain lines in a log file)."""
+    from common.progress import progress as shown
 
-    A terminal or a notebook gets a tqdm bar; a log file (CI, Modal, nohup) gets no carriage
-    returns, only a plain line every ``PROGRESS_SECONDS`` for epochs that take longer than that.
-    """
-    if not runtime.is_main:
-        yield from loader
-        return
-    if sys.stderr.isatty() or "ipykernel" in sys.modules:
-        yield from tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-        return
-    start = last = time.monotonic()
-    for step, batch in enumerate(loader, 1):
-        yield batch
-        now = time.monotonic()
-        if now - last >= PROGRESS_SECONDS:
-            print(f"{desc}: {step}/{len(loader)} batches, {now - start:.0f}s", file=sys.stderr, flush=True)
-            last = now
+    return shown(loader, desc, unit="batch", leave=False) if runtime.is_main else iter(loader)
 
 
 class NonFiniteWatch:
@@ -457,7 +440,6 @@ class Session:
 
 def run_epoch(s: Session, state: TrainState, epoch: int) -> dict:
     """Train + validate one epoch and step the schedule; rank 0 then saves and logs. Returns the row."""
-    import time
 
     start = time.perf_counter()
     train = train_one_epoch(s.forward, s.loaders.train, s.task, s.optimizer, s.stepper, s.runtime,

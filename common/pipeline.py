@@ -31,12 +31,12 @@ import cv2
 import datasets
 import numpy as np
 import pyarrow
-from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
 
 from common.errors import UserError
 from common.folder_source import FolderImportError, FolderSample, MaskFormat, load_folder_sample
 from common.io import atomic_path, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from common.preprocess import SkipSample, letterbox, preprocessing_params, process_sample
+from common.progress import progress_bar
 from common.raw_sources import RawSample, read_raw_sample
 from common.schema import DATA_DIR, MANIFEST_NAME, STATE_DIR, dataset_card, dataset_features, shard_name
 from common.shards import ShardBuffer, write_parquet
@@ -244,9 +244,8 @@ def run_shards(out_dir, plans: list[ShardPlan], options: SampleOptions, workers:
     if todo:
         context = mp.get_context("spawn")
         progress = context.Queue()
-        with context.Pool(workers, initializer=_worker_init, initargs=(progress, os.getpid())) as pool, tqdm(
-            total=total, desc="preprocess", unit="sample", dynamic_ncols=True
-        ) as bar:
+        with context.Pool(workers, initializer=_worker_init, initargs=(progress, os.getpid())) as pool, \
+                progress_bar(total, "preprocess", unit="sample") as bar:
             results = pool.imap_unordered(_run_shard, [(out_dir, p, options) for p in todo])
             _follow(results, progress, len(todo), bar)
     return {"done": len(plans) - len(todo), "processed": len(todo), "samples": total, "workers": workers}

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
 
 from common.io import atomic_path, remove_stale_temporaries
 from common.preprocess import draw_ellipse, ellipse_from_pixels
+from common.progress import progress as shown
 
 ALL_SPLITS = ("train", "validation", "test")
 UNLABELED_SPLITS = ("test",)
@@ -543,7 +543,7 @@ def generate_raw_dataset(root, n: int, seed: int = 0, splits=ALL_SPLITS, fractio
         _remove_stale_samples(split_dir, set(stems))
         jobs += [(split_dir, split, start + k, stem) for k, stem in enumerate(stems)]
         start += count
-    for split_dir, split, index, stem in tqdm(jobs, desc="synthetic", unit="frame", disable=not progress):
+    for split_dir, split, index, stem in (shown(jobs, "synthetic", unit="frame") if progress else jobs):
         image, label, _ = render_sample(np.random.default_rng([seed, index]), height, width)
         _write_sample(split_dir, stem, image, None if split in UNLABELED_SPLITS else label)
     return counts

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from common import engine
+from common import progress as progress_module
 from common.augment import flip_batch
 from common.cli import training_parser
 from common.losses import ellipse_loss
 from common.metrics import EllipseMetrics
-from tests.faults.runs import TINY_SCRIPT, clean_env, run, the_error_line
+from tests.faults.runs import ROOT, TINY_SCRIPT, clean_env, run, the_error_line
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -87,15 +88,28 @@ def test_no_network_is_one_line(tmp_path):
 def test_progress_without_a_terminal_is_plain_lines(monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
-    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(progress_module, "PLAIN_SECONDS", 0.0)
     runtime = engine.Runtime(torch.device("cpu"), False, False, False, False)
     assert list(engine.progress(range(3), "epoch 1 train", runtime)) == [0, 1, 2]
     assert "\r" not in err.getvalue()
     assert err.getvalue().splitlines()[0].startswith("epoch 1 train: 1/3 batches")
-    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 30.0)
+    monkeypatch.setattr(progress_module, "PLAIN_SECONDS", 30.0)
     err.truncate(0)
     assert list(engine.progress(range(3), "epoch 1 train", runtime)) == [0, 1, 2]
     assert err.getvalue() == ""  # a short epoch: its summary line is enough
+
+
+@pytest.mark.slow
+def test_precompute_and_training_logs_have_no_carriage_returns(tmp_path):
+    out = tmp_path / "out"
+    precompute = run([sys.executable, str(ROOT / "precompute.py"), "--synthetic", "8", "--size", "32", "48",
+                      "--raw-dir", tmp_path / "raw", "--output-dir", out, "--no-push", "--shard-size", "4"])
+    assert precompute.returncode == 0, precompute.stderr[-2000:]
+    training = run([sys.executable, TINY_SCRIPT, "--dataset", out, "--epochs", "1", "--batch-size", "2",
+                    "--num-workers", "0", "--data-dir", tmp_path / "cache", "--output-dir", tmp_path / "run"])
+    assert training.returncode == 0, training.stderr[-2000:]
+    for result in (precompute, training):  # output captured to a pipe, as in a log file
+        assert "\r" not in result.stdout + result.stderr
 
 
 def test_flip_keeps_an_empty_ellipse_empty():
