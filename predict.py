@@ -71,11 +71,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def list_inputs(path: Path) -> list[Path]:
     """The image and video files ``path`` names: itself, or the supported files of a folder."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        named = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        files = [p for p in named if p.is_file()]
         if not files:
             raise InputError(f"no images or videos in folder {path}")
-        return files
+        return files + [p for p in named if not p.is_file()]  # skipped, with a warning, when read
     if not path.exists():
         raise InputError(f"input not found: {path}")
     return [path]
@@ -92,7 +92,7 @@ def iter_frames(files: list[Path], every: int, grayscale: bool, skipped: list | 
     appended there and passed over; without it, it stops the run (one named input).
     """
     for path in files:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
+        if path.suffix.lower() in VIDEO_SUFFIXES and path.is_file():
             yield from iter_video(path, every)
             continue
         try:

@@ -77,6 +77,8 @@ def read_frame(path: str | os.PathLike, grayscale: bool = False) -> np.ndarray:
     (BGR or BGRA -> gray), so a colour image is never silently fed to a grayscale model.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not an image")
     if not path.is_file():
         raise InputError(f"input not found: {path}")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)

@@ -123,8 +123,11 @@ def test_predict_on_a_folder_skips_bad_files_and_counts_them(model_file, tmp_pat
                   "--output-dir", tmp_path / "out"])
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (tmp_path / "out" / "masks" / "good.png").is_file()
-    assert "unreadable files skipped" in result.stdout
     assert len(bad) == 10
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped ")]
+    assert f", {len(warnings)} unreadable files skipped" in result.stdout  # every skip is counted
+    assert any("a_folder.png is a folder, not an image" in line for line in warnings)
+    assert any("zero_bytes.png" in line for line in warnings)
 
 
 @pytest.mark.slow
