@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import frame_size, time_model  # noqa: E402
 from common.data import (  # noqa: E402
     ALL_TARGETS,
+    AUTO_WORKERS,
     TRAIN_SPLIT,
     DeviceBatches,
+    loader_workers,
     make_loader,
     to_device,
 )
@@ -54,7 +56,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--samples", default=96, type=int, help="raw frames generated and precomputed")
     parser.add_argument("--size", default=(400, 640), type=frame_size, metavar="HxW")
     parser.add_argument("--batch-size", default=4, type=int)
-    parser.add_argument("--num-workers", default=2, type=int, help="DataLoader workers of both loaders")
+    parser.add_argument("--num-workers", default=None, type=int,
+                        help="DataLoader workers of both loaders (default: as training chooses: 2 for the "
+                             "runtime-preprocessing loader, 0 for precomputed data)")
     parser.add_argument("--repeats", default=3, type=int, help="timed epochs per loader (after one untimed)")
     parser.add_argument("--model", default="efficientvit", help="whose step rate is the bar")
     parser.add_argument("--device", default="auto")
@@ -101,7 +105,7 @@ def build(args, root: Path):
                          height=size[0], width=size[1])
     samples = list_raw_samples(find_split_dirs(root / "raw", [TRAIN_SPLIT])[TRAIN_SPLIT], TRAIN_SPLIT)
     options = SampleOptions(height=size[0], width=size[1])
-    build_dataset({TRAIN_SPLIT: samples}, root / "precomputed", options, workers=args.num_workers or 1,
+    build_dataset({TRAIN_SPLIT: samples}, root / "precomputed", options, workers=2,
                   shard_size=100, source="bench_input")
     # load_splits wants both splits; only train is precomputed here, so its files are read directly
     files = sorted(str(p) for p in (root / "precomputed" / "data").glob(f"{TRAIN_SPLIT}-*.parquet"))
@@ -118,14 +122,16 @@ def main(args) -> None:
     try:
         samples, options, split = build(args, root)
         layout = detect_layout({TRAIN_SPLIT: split})
-        shared = dict(batch_size=args.batch_size, shuffle=True, seed=0, num_workers=args.num_workers)
+        workers = loader_workers(args, layout, ALL_TARGETS)  # what training uses for this data
+        runtime_workers = AUTO_WORKERS if args.num_workers is None else args.num_workers
+        shared = dict(batch_size=args.batch_size, shuffle=True, seed=0, num_workers=workers)
         precomputed = make_loader(split, layout, ALL_TARGETS, pin_memory=runtime.pin_memory, **shared)
         start = time.perf_counter()
-        resident = DeviceBatches(precomputed.dataset, precomputed.sampler, device, args.num_workers)
+        resident = DeviceBatches(precomputed.dataset, precomputed.sampler, device, workers)
         load_s = time.perf_counter() - start
         runtime_loader = torch.utils.data.DataLoader(
             RuntimeRows(samples, options), batch_size=args.batch_size, shuffle=True, drop_last=True,
-            num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+            num_workers=runtime_workers, persistent_workers=runtime_workers > 0,
             generator=torch.Generator().manual_seed(0))
         rates = {}
         for name, loader in (("runtime", runtime_loader), ("precomputed", precomputed), ("device", resident)):
@@ -134,17 +140,19 @@ def main(args) -> None:
         _, step_s = time_model(args.model, tuple(args.size), _step_args(args), runtime)
     finally:
         shutil.rmtree(root)
-    report(args, runtime, rates, args.batch_size / step_s, load_s)
+    used = f"runtime {runtime_workers}, precomputed {workers}"
+    report(args, runtime, rates, args.batch_size / step_s, load_s, used)
 
 
 def _step_args(args):
     return argparse.Namespace(batch_size=args.batch_size, warmup=1, steps=3)
 
 
-def report(args, runtime, rates: dict, step_rate: float, load_s: float) -> None:
+def report(args, runtime, rates: dict, step_rate: float, load_s: float, workers: str) -> None:
     size = f"{args.size[0]}x{args.size[1]}"
     print(f"\n{runtime.describe()} | threads {torch.get_num_threads()} | {args.samples} frames of {size} | "
-          f"batch {args.batch_size} | {args.num_workers} workers | median of {args.repeats} epochs\n")
+          f"batch {args.batch_size} | workers: {workers} | "
+          f"median of {args.repeats} epochs\n")
     print("| loader | samples/s | / runtime preprocessing | / model step rate |")
     print("|---|---:|---:|---:|")
     labels = {"runtime": "runtime preprocessing (PNG + npy, gamma, CLAHE, weights, distances)",

@@ -137,7 +137,9 @@ def training_parser(description: str, defaults: dict | None = None, add_help: bo
     data.add_argument("--preprocessed", choices=("auto", "yes", "no"), default="auto",
                       help="whether stored frames already carry gamma + CLAHE: auto reads the dataset's "
                            "preprocessed (or image_preprocessed) column, absent = no; yes/no override it")
-    data.add_argument("--num-workers", default=2, type=non_negative_int, help="DataLoader worker processes")
+    data.add_argument("--num-workers", default=None, type=non_negative_int,
+                      help="DataLoader worker processes (default: 0 for precomputed data, which is only "
+                           "read, 2 when frames or targets are computed at load time)")
     data.add_argument("--data-on-device", choices=("auto", "on", "off"), default="auto",
                       help="hold both splits on the device and batch there, without a DataLoader; "
                            "auto: on for CUDA when they fit in half the free GPU memory (at most 32 GiB)")

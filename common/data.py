@@ -427,6 +427,17 @@ def make_loader(split, layout: DatasetLayout, targets: tuple[str, ...], batch_si
     )
 
 
+AUTO_WORKERS = 2  # --num-workers auto, for data that needs work at load time
+
+
+def loader_workers(args, layout: DatasetLayout, targets: tuple[str, ...]) -> int:
+    """--num-workers, or for ``auto`` (None): 0 when batches are only read from stored rows (handing
+    a batch of float maps to another process costs more than reading it), else AUTO_WORKERS."""
+    if getattr(args, "num_workers", None) is not None:
+        return args.num_workers
+    return AUTO_WORKERS if layout.computes_at_load(targets) else 0
+
+
 def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLayout | None = None,
                  targets: tuple[str, ...] = ALL_TARGETS, device: torch.device | None = None,
                  rank: int = 0, world_size: int = 1) -> Loaders:
@@ -440,12 +451,13 @@ def make_loaders(dataset: DatasetDict, args, pin_memory: bool, layout: DatasetLa
     if size[0] % SIZE_MULTIPLE or size[1] % SIZE_MULTIPLE:
         raise UserError(f"frames are {size[0]}x{size[1]}; the models need multiples of {SIZE_MULTIPLE} "
                         "(re-run precompute.py with --size H W --letterbox)")
+    workers = loader_workers(args, layout, targets)
     shared = dict(layout=layout, targets=targets, batch_size=args.batch_size, seed=args.seed,
-                  num_workers=args.num_workers, pin_memory=pin_memory, rank=rank, world_size=world_size)
+                  num_workers=workers, pin_memory=pin_memory, rank=rank, world_size=world_size)
     train = make_loader(dataset[TRAIN_SPLIT], shuffle=True, **shared)
     valid = make_loader(dataset[VALID_SPLIT], shuffle=False, **shared)
     if device is not None and _data_on_device(args, device, (train, valid), size, targets):
-        train, valid = (DeviceBatches(loader.dataset, loader.sampler, device, args.num_workers)
+        train, valid = (DeviceBatches(loader.dataset, loader.sampler, device, workers)
                         for loader in (train, valid))
     return Loaders(train, valid, size, layout)
 

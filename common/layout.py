@@ -62,6 +62,13 @@ class DatasetLayout:
     def frame_shape(self, column: str) -> tuple[int, ...]:
         return (*FRAME_CHANNELS[column], *self.image_size)
 
+    def computes_at_load(self, targets: tuple[str, ...]) -> bool:
+        """Whether a batch needs per-frame work (gamma+CLAHE, binarizing, targets, an ellipse fit)
+        rather than only reading stored rows."""
+        missing = [t for t in TARGET_COLUMNS if t in targets and t not in self.stored_targets]
+        return (not self.preprocessed or self.four_class or bool(missing)
+                or ("ellipse" in targets and not self.has_ellipse))
+
     def describe(self, targets: tuple[str, ...]) -> str:
         """One line for the run log, e.g. 'flat lists reshaped to 400x640, 4-class labels binarized, ...'."""
         height, width = self.image_size

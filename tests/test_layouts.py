@@ -274,3 +274,26 @@ def test_wrong_size_in_a_script_is_one_error_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: column 'image' holds 6144 values a row, but the frame size 64x128 needs 8192 "
                       "(64x128); give the dataset's frame size with --size H W"]
+
+
+@pytest.mark.parametrize("changes, targets, workers", [
+    ({}, ALL_TARGETS, 0),                                          # stored rows only: read in-process
+    ({"preprocessed": False}, ALL_TARGETS, 2),                     # gamma + CLAHE per frame
+    ({"four_class": True}, ALL_TARGETS, 2),                        # labels binarized, targets recomputed
+    ({"stored_targets": ("dist_map",)}, ALL_TARGETS, 2),           # spatial weights computed
+    ({"stored_targets": ("dist_map",)}, EllipseTask.targets, 0),   # ... but an ellipse run needs none
+    ({"has_ellipse": False}, EllipseTask.targets, 2),              # ellipse fitted per frame
+])
+def test_auto_worker_count_follows_the_work_at_load_time(changes, targets, workers):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from common.data import loader_workers
+    from common.layout import DatasetLayout
+
+    stored = DatasetLayout(image_size=(32, 48), flat_columns=(), preprocessed=True,
+                           preprocessed_from="column", four_class=False, has_ellipse=True,
+                           stored_targets=("spatial_weights", "dist_map"))
+    layout = replace(stored, **changes)
+    assert loader_workers(SimpleNamespace(num_workers=None), layout, targets) == workers
+    assert loader_workers(SimpleNamespace(num_workers=3), layout, targets) == 3  # given: used as is
