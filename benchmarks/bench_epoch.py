@@ -31,9 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import frame_size  # noqa: E402
 from common.cli import training_parser  # noqa: E402
 from common.engine import open_session, run_epoch  # noqa: E402
-from common.specs import EFFICIENTVIT, EFFICIENTVIT_TINY, ELLIPSE, SHALLOWNET  # noqa: E402
-
-SPECS = {spec.model_name: spec for spec in (EFFICIENTVIT, EFFICIENTVIT_TINY, ELLIPSE, SHALLOWNET)}
+from common.specs import SPECS  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
