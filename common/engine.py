@@ -226,11 +226,11 @@ class NonFiniteWatch:
                 "last good epoch; lower --lr or check the data (precompute.py --validate)")
 
 
-def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str,
-                  watch: NonFiniteWatch | None = None, epoch: int = 0) -> dict[str, float]:
+def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str, watch: NonFiniteWatch,
+                  epoch: int) -> dict[str, float]:
     """The epoch's one host sync: loss means, non-finite step counts and metrics as python floats,
     over all DDP ranks (sums of losses, batches and bad steps; the first and last bad step)."""
-    health = watch.values if watch is not None else NonFiniteWatch(loss_sums.device).values
+    health = watch.values
     bad_steps = health[:1].to(loss_sums.dtype)
     sums = all_reduce_(torch.cat([loss_sums, loss_sums.new_tensor([batches]), bad_steps]))  # (terms + 2,)
     bounds = all_reduce_(torch.stack([-health[1], health[2]]), "max")  # (-first bad step, last bad step)
@@ -242,8 +242,6 @@ def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str,
     NonFiniteWatch.check(counts, prefix, epoch, int(steps))
     values = {f"{prefix}_{name}": value for name, value in zip(task.loss_terms, means)}
     values.update({f"{prefix}_{name}": value for name, value in task.compute_metrics().items()})
-    if not math.isfinite(values[f"{prefix}_loss"]):
-        NonFiniteWatch.check([1.0, 1.0, float(batches)], prefix, epoch, batches)
     return values
 
 

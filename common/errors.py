@@ -34,6 +34,9 @@ class TrainingInterrupted(UserError):
         super().__init__(message, exit_code=128 + int(signum))
         self.signum = int(signum)
 
+    def __reduce__(self):  # crosses process boundaries (a Modal job's error reaches the launcher)
+        return type(self), (str(self), self.signum)
+
     def __reduce__(self):
         return type(self), (str(self), self.signum)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.cli import training_parser
@@ -37,10 +36,10 @@ def data_overview(args, spec) -> None:
     import cv2
 
     from common.data import open_loaders
-    from common.inference import overlay
+    from common.inference import Prediction, overlay
     from common.io import atomic_path
     from common.models import model_task
-    from common.preprocess import normalized_to_pixels
+    from common.preprocess import Ellipse
     from common.tasks import TASKS
 
     task = model_task(spec.model_name)
@@ -52,24 +51,13 @@ def data_overview(args, spec) -> None:
     frame, mask = batch["image"][0].numpy(), batch["label"][0].numpy()
     ellipse = None
     if task == "ellipse":  # the stored (cx, cy, rx, ry), drawn axis-aligned as the metrics do
-        x, y, a, b = normalized_to_pixels(*batch["ellipse"][0].tolist(), *frame.shape)
-        ellipse = ((x, y), (a, b), 0.0)
-    picture = overlay(frame, _Shown(mask, ellipse))
+        ellipse = Ellipse(*batch["ellipse"][0].tolist(), 0.0)
+    picture = overlay(frame, Prediction(mask, ellipse))
     path = Path(args.output_dir) / "sample.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_bytes(cv2.imencode(".png", picture)[1].tobytes())
     _show(path)
-
-
-class _Shown:
-    """The two fields of ``inference.Prediction`` that ``overlay`` draws: a mask and an ellipse."""
-
-    def __init__(self, mask: np.ndarray, ellipse):
-        self.mask, self._ellipse = mask, ellipse
-
-    def ellipse_pixels(self):
-        return self._ellipse
 
 
 def check_model(spec, limit: int | None, input_size=(400, 640)) -> torch.nn.Module:

@@ -8,6 +8,7 @@ temporary folders standing in for the volumes, and MLflow is a real server.
 import argparse
 import importlib.util
 import json
+import pickle
 import re
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from common import cloud
-from common.errors import ConfigurationError, UserError
+from common.errors import ConfigurationError, TrainingInterrupted, UserError
 from common.specs import SHALLOWNET
 from tests.mlflow_server import mlflow_server_fixture  # noqa: F401  (the mlflow_server fixture)
 from tests.test_training import ROOT, clean_env
@@ -162,6 +163,13 @@ def test_modal_failures_become_one_line(raised, kind, words):
     with pytest.raises(kind, match=re.escape(words)):
         with cloud.modal_errors():
             raise raised
+
+
+@pytest.mark.parametrize("error", [UserError("bad input"), ConfigurationError("no token"),
+                                   TrainingInterrupted("interrupted (SIGTERM)", 15)])
+def test_job_errors_survive_the_trip_back_from_the_container(error):
+    back = pickle.loads(pickle.dumps(error))  # how Modal returns a remote exception
+    assert (type(back), str(back), back.exit_code) == (type(error), str(error), error.exit_code)
 
 
 def test_job_errors_pass_through_unchanged():
