@@ -37,9 +37,6 @@ class TrainingInterrupted(UserError):
     def __reduce__(self):  # crosses process boundaries (a Modal job's error reaches the launcher)
         return type(self), (str(self), self.signum)
 
-    def __reduce__(self):
-        return type(self), (str(self), self.signum)
-
 
 class NonFiniteLossError(UserError):
     """A NaN or infinite loss: training stops and the last good checkpoint stays as it was."""
