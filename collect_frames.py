@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.cli import report_errors
-from common.frames import (
+from common.infer.video_frames import (
     FrameError,
     FrameSaver,
     frame_step,

@@ -1,17 +1,22 @@
 """Preprocess OpenEDS (or your own labelled images) once into parquet shards and publish them on the Hub.
 
-Pipeline per sample (common/preprocess.py): binarize -> skip empty masks -> gamma 0.8 ->
+Pipeline per sample (common/prep/preprocess.py): binarize -> skip empty masks -> gamma 0.8 ->
 CLAHE 1.5/8x8 -> ellipse -> spatial weights -> distance maps. Runs on all cores, resumes where a
 previous run stopped, and writes a manifest of counts, skipped samples, parameters and versions.
 
-``--source folder`` imports a folder dataset instead (common/folder_source.py): DIR/images/ with
-DIR/masks/, or a CVAT "Segmentation mask 1.1" export. Frames are letterboxed into --size (padding
-recorded in the manifest), a stratified train/validation split is written to DIR/splits/ unless
-one is there, and the output has the same schema as OpenEDS.
+``--source folder`` imports a folder dataset instead (common/prep/folder_source.py): DIR/images/ with
+DIR/masks/, a CVAT "Segmentation mask 1.1" export, YOLO segmentation polygons (DIR/images/ with
+DIR/labels/, also split into train/val folders) or COCO JSON (polygons or RLE). Frames are
+letterboxed into --size (padding recorded in the manifest), the export's split folders are used
+or else a stratified train/validation split is written to DIR/splits/ unless one is there, and the
+output has the same schema as OpenEDS.
 
 Examples:
     # the embedded synthetic dataset, kept local
     python precompute.py --synthetic 200 --no-push
+    # domain-randomized synthetic frames: a training family and a held-out family of cameras
+    python precompute.py --synthetic 2000 --randomized train --raw-dir raw_tr --output-dir data_tr --no-push
+    python precompute.py --synthetic 500 --randomized heldout --raw-dir raw_ho --output-dir data_ho --no-push
     # the real dataset: download from Kaggle, preprocess, push to the Hub
     python precompute.py --hf-repo Conner/sddec25-01
     # already downloaded raw data; add the validation split to an existing output
@@ -24,6 +29,10 @@ Examples:
     python precompute.py --source folder --raw-dir my_eyes/ --size 240 320 --output-dir my_eyes_data --no-push
     # class-index masks where the pupil is 3, at the frames' own size
     python precompute.py --source folder --raw-dir labelled/ --pupil-class 3 --size native --no-push
+    # an Ultralytics YOLO segmentation export (images/{train,val}, labels/{train,val}), pupil = class 1
+    python precompute.py --source folder --raw-dir yolo_export/ --pupil-class 1 --size 320 240 --no-push
+    # a Roboflow COCO export (train/, valid/ with _annotations.coco.json), pupil = category "pupil"
+    python precompute.py --source folder --raw-dir coco_export/ --pupil-class pupil --no-push
 """
 
 from __future__ import annotations
@@ -33,14 +42,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import folder_source, hub, raw_sources
 from common.cli import parse_frame_size, report_errors
-from common.defaults import DEFAULT_HF_REPO
 from common.errors import UserError
-from common.io import atomic_write_json
-from common.pipeline import SampleOptions, build_dataset, default_workers
+from common.files import atomic_write_json
+from common.prep import folder_source, hub
+from common.prep import openeds_source as raw_sources
+from common.prep.build_dataset import SampleOptions, build_dataset, default_workers
+from common.prep.synthetic import FAMILIES, generate_raw_dataset
+from common.prep.verify_dataset import FLOAT_TOLERANCE, validate_dataset
 from common.schema import DATA_DIR
-from common.validation import FLOAT_TOLERANCE, validate_dataset
+from common.specs import DEFAULT_HF_REPO
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -56,10 +67,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--validate-samples", default=20, type=int, help="rows per split checked by --validate")
     parser.add_argument("--skip-download", action="store_true", help="use the raw data already in --raw-dir")
     parser.add_argument("--source", choices=["openeds", "folder"], default="openeds",
-                        help="openeds: the OpenEDS layout (Kaggle); folder: images/ + masks/ or a CVAT export")
+                        help="openeds: the OpenEDS layout (Kaggle); folder: images/ + masks/, a CVAT export, "
+                             "YOLO segmentation labels or COCO JSON")
     parser.add_argument("--raw-dir", default="./openeds_raw", type=Path,
                         help="raw data: the OpenEDS layout, or the folder dataset of --source folder")
     parser.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic raw samples instead of downloading")
+    parser.add_argument("--randomized", nargs="?", const="train", choices=FAMILIES, metavar="FAMILY",
+                        help="--synthetic with the domain-randomized generator; FAMILY train (default) "
+                             "or heldout draws view, contrast, light, noise, glint size and blur from "
+                             "disjoint ranges")
     parser.add_argument("--seed", default=0, type=int, help="seed of --synthetic and of --validate's sampling")
     parser.add_argument("--workers", default=default_workers(), type=int, help="processes (default: all cores)")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], help="splits to process")
@@ -72,25 +88,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "folder datasets are always letterboxed")
     parser.add_argument("--keep-empty", action="store_true", help="keep frames without pupil as negatives")
     folder = parser.add_argument_group("--source folder")
-    folder.add_argument("--pupil-class", type=int, default=None, metavar="K",
-                        help="masks are class-index maps and K is the pupil (default: binary 0/255 or 0/1; "
-                             "OpenEDS: 3)")
-    folder.add_argument("--label", default="pupil", help="the pupil's label name in a CVAT labelmap.txt")
+    folder.add_argument("--pupil-class", type=pupil_class, default=None, metavar="K",
+                        help="which class is the pupil: masks, the pixel value K of class-index maps (default: "
+                             "binary 0/255 or 0/1; OpenEDS: 3); YOLO, the class index (default: the class named "
+                             "--label in data.yaml, else 0); COCO, a category id or name (default: the category "
+                             "named --label, else the only one)")
+    folder.add_argument("--label", default="pupil",
+                        help="the pupil's name in a CVAT labelmap.txt, a YOLO data.yaml or the COCO categories")
     folder.add_argument("--val-ratio", default=0.10, type=float, help="validation share of a new split")
     folder.add_argument("--min-val-pos", default=10, type=int,
                         help="at least this many images with a pupil in a new validation split")
     return parser
 
 
+def pupil_class(text: str) -> int | str:
+    """--pupil-class: an integer (a pixel value, class index or category id), else a COCO or YOLO
+    class name."""
+    try:
+        return int(text)
+    except ValueError:
+        return text.strip()
+
+
 def check_args(args) -> None:
     """Normalize args.size and refuse option combinations that cannot work."""
     args.size = parse_frame_size(args.size)
+    if args.source == "openeds" and isinstance(args.pupil_class, str):
+        raise UserError(f"--pupil-class for OpenEDS is a label value (an integer), not '{args.pupil_class}'")
     if args.source == "folder":
         unknown = sorted(set(args.splits) - set(folder_source.SPLIT_FILES))
         if unknown:
             raise UserError(f"a folder dataset has the splits train and validation, not {', '.join(unknown)}")
         if args.synthetic is not None:
             raise UserError("--synthetic generates OpenEDS-layout data; it does not go with --source folder")
+    if args.randomized is not None and args.synthetic is None:
+        raise UserError("--randomized chooses the generator of --synthetic N; give --synthetic too")
         if not 0 < args.val_ratio < 1:
             raise UserError(f"--val-ratio must be between 0 and 1, got {args.val_ratio}")
     elif args.size == "native":
@@ -102,14 +134,15 @@ def prepare_raw(args) -> Path:
     if args.source == "folder":
         return args.raw_dir  # the user's own folder; discover_folder says what is wrong with it
     if args.synthetic is not None:
-        from common.synthetic import generate_raw_dataset
-
         marker = args.raw_dir / "synthetic.json"
         wanted = {"n": args.synthetic, "seed": args.seed, "splits": args.splits, "size": list(args.size)}
+        if args.randomized is not None:  # absent for the default generator: its older markers stay valid
+            wanted["randomized"] = args.randomized
         if not marker.exists() or json.loads(marker.read_text()) != wanted:
-            print(f"generating {args.synthetic} synthetic samples in {args.raw_dir}")
+            print(f"generating {args.synthetic} {synthetic_kind(args)} samples in {args.raw_dir}")
             generate_raw_dataset(args.raw_dir, args.synthetic, seed=args.seed, splits=tuple(args.splits),
-                                 height=args.size[0], width=args.size[1], progress=True)
+                                 height=args.size[0], width=args.size[1], progress=True,
+                                 family=args.randomized)
             atomic_write_json(marker, wanted)
         return args.raw_dir
     if args.skip_download:
@@ -142,10 +175,14 @@ def folder_inputs(args) -> tuple[dict, SampleOptions]:
     return samples, options
 
 
+def synthetic_kind(args) -> str:
+    return "synthetic" if args.randomized is None else f"synthetic randomized-{args.randomized}"
+
+
 def source_name(args) -> str:
     if args.source == "folder":
         return f"folder:{args.raw_dir.resolve().name}"
-    return "synthetic" if args.synthetic is not None else f"kaggle:{raw_sources.KAGGLE_DATASET}"
+    return synthetic_kind(args) if args.synthetic is not None else f"kaggle:{raw_sources.KAGGLE_DATASET}"
 
 
 def hub_repo(args) -> str:

@@ -1,5 +1,5 @@
 # /// script
-# requires-python = ">=3.10"
+# requires-python = ">=3.11"
 # dependencies = ["modal==1.6.4"]
 # ///
 """Train ShallowNet (dense U-Net, about 60k parameters) on a Modal GPU, or here with --local.
@@ -12,26 +12,28 @@ visionassist-runs volume; at the end the run folder is downloaded into --output-
 Examples:
     uv run train.py --epochs 30 --batch-size 32
     modal run train.py --gpu A100-80GB --epochs 30 --run-name shallow-a100
+    modal run --detach train.py --detach --epochs 200   # Modal's --detach goes first
     uv run train.py --gpu H100,A100-80GB --detach --run-name shallow-long --epochs 200
+    uv run train.py --fetch shallow-long   # download a run into checkpoints/
     uv run train.py --run-name shallow-long --resume shallow-long/last_shallow_model.pt
-    python train.py --local --demo --epochs 2      # the same job on this machine
+    python train.py --local --demo --epochs 2   # the same job on this machine
 """
 
 import sys
 
 import modal
 
-from common import cloud
+from common import cloud, cloud_job
 from common.cli import report_errors
-from common.defaults import SHALLOWNET_HF_REPO
 from common.specs import SHALLOWNET as SPEC
+from common.specs import SHALLOWNET_HF_REPO
 
 app = modal.App("visionassist-shallownet")
 
 
 @app.function(**cloud.function_options(sys.argv))
 def train_remote(config: dict) -> dict:
-    return cloud.run_job(SPEC, config)
+    return cloud_job.remote_job(SPEC, config)
 
 
 def get_args_parser(add_help: bool = True):

@@ -1,5 +1,5 @@
 # /// script
-# requires-python = ">=3.10"
+# requires-python = ">=3.11"
 # dependencies = ["modal==1.6.4"]
 # ///
 """Train TinyEfficientViTSeg (< 60k parameters) on a Modal cloud GPU.
@@ -12,18 +12,20 @@ visionassist-runs volume; at the end the run folder is downloaded into --output-
 Examples:
     uv run train_efficientvit.py --epochs 30 --batch-size 32
     modal run train_efficientvit.py --gpu A100-80GB --epochs 30 --run-name vit-a100
+    modal run --detach train_efficientvit.py --detach --epochs 200   # Modal's --detach goes first
     uv run train_efficientvit.py --gpu H100,A100-80GB --detach --run-name vit-long --epochs 200
+    uv run train_efficientvit.py --fetch vit-long   # download a run into checkpoints/
     uv run train_efficientvit.py --run-name vit-long --resume vit-long/last_efficientvit_model.pt
-    python train_efficientvit.py --local --demo --epochs 2      # the same job on this machine
+    python train_efficientvit.py --local --demo --epochs 2   # the same job on this machine
 """
 
 import sys
 
 import modal
 
-from common import cloud
+from common import cloud, cloud_job
 from common.cli import report_errors
-from common.defaults import DEFAULT_HF_REPO
+from common.specs import DEFAULT_HF_REPO
 from common.specs import EFFICIENTVIT as SPEC
 
 app = modal.App("visionassist-efficientvit")
@@ -31,7 +33,7 @@ app = modal.App("visionassist-efficientvit")
 
 @app.function(**cloud.function_options(sys.argv))
 def train_remote(config: dict) -> dict:
-    return cloud.run_job(SPEC, config)
+    return cloud_job.remote_job(SPEC, config)
 
 
 def get_args_parser(add_help: bool = True):

@@ -14,8 +14,8 @@ Examples:
 """
 
 from common.cli import report_errors, training_parser
-from common.engine import fit
 from common.specs import EFFICIENTVIT_TINY as SPEC
+from common.train.engine import fit
 
 
 def get_args_parser(add_help: bool = True):

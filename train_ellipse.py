@@ -1,5 +1,5 @@
 # /// script
-# requires-python = ">=3.10"
+# requires-python = ">=3.11"
 # dependencies = ["modal==1.6.4"]
 # ///
 """Train EllipseRegressionNet (pupil ellipse cx, cy, rx, ry) on a Modal cloud GPU.
@@ -12,18 +12,20 @@ visionassist-runs volume; at the end the run folder is downloaded into --output-
 Examples:
     uv run train_ellipse.py --epochs 30 --batch-size 32
     modal run train_ellipse.py --gpu A100-80GB --epochs 30 --run-name ellipse-a100
+    modal run --detach train_ellipse.py --detach --epochs 200   # Modal's --detach goes first
     uv run train_ellipse.py --gpu H100,A100-80GB --detach --run-name ellipse-long --epochs 200
+    uv run train_ellipse.py --fetch ellipse-long   # download a run into checkpoints/
     uv run train_ellipse.py --run-name ellipse-long --resume ellipse-long/last_ellipse_model.pt
-    python train_ellipse.py --local --demo --epochs 2      # the same job on this machine
+    python train_ellipse.py --local --demo --epochs 2   # the same job on this machine
 """
 
 import sys
 
 import modal
 
-from common import cloud
+from common import cloud, cloud_job
 from common.cli import report_errors
-from common.defaults import DEFAULT_HF_REPO
+from common.specs import DEFAULT_HF_REPO
 from common.specs import ELLIPSE as SPEC
 
 app = modal.App("visionassist-ellipse")
@@ -31,7 +33,7 @@ app = modal.App("visionassist-ellipse")
 
 @app.function(**cloud.function_options(sys.argv))
 def train_remote(config: dict) -> dict:
-    return cloud.run_job(SPEC, config)
+    return cloud_job.remote_job(SPEC, config)
 
 
 def get_args_parser(add_help: bool = True):

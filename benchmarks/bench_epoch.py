@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import frame_size  # noqa: E402
 from common.cli import training_parser  # noqa: E402
-from common.engine import open_session, run_epoch  # noqa: E402
 from common.specs import SPECS  # noqa: E402
+from common.train.engine import open_session, run_epoch  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

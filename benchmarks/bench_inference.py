@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from common.export import export_onnx  # noqa: E402
+from common.infer.export import export_onnx  # noqa: E402
 from common.models import MODEL_NAMES, build_model, count_parameters  # noqa: E402
 
 TARGET_MS = {"efficientvit": 15.0, "efficientvit_micro": 8.0}

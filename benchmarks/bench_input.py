@@ -32,7 +32,10 @@ from datasets import load_dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import frame_size, time_model  # noqa: E402
-from common.data import (  # noqa: E402
+from common.prep.build_dataset import SampleOptions, build_dataset, load_row  # noqa: E402
+from common.prep.openeds_source import find_split_dirs, list_raw_samples  # noqa: E402
+from common.prep.synthetic import generate_raw_dataset  # noqa: E402
+from common.train.data import (  # noqa: E402
     ALL_TARGETS,
     AUTO_WORKERS,
     TRAIN_SPLIT,
@@ -41,11 +44,8 @@ from common.data import (  # noqa: E402
     make_loader,
     to_device,
 )
-from common.engine import setup_runtime  # noqa: E402
-from common.layout import detect_layout  # noqa: E402
-from common.pipeline import SampleOptions, build_dataset, load_row  # noqa: E402
-from common.raw_sources import find_split_dirs, list_raw_samples  # noqa: E402
-from common.synthetic import generate_raw_dataset  # noqa: E402
+from common.train.engine import setup_runtime  # noqa: E402
+from common.train.layout import detect_layout  # noqa: E402
 
 ROW_TENSORS = ("image", "label", "spatial_weights", "dist_map")
 

@@ -26,12 +26,12 @@ from datasets import config as datasets_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import shards  # noqa: E402
-from common.pipeline import SampleOptions, load_row  # noqa: E402
-from common.preprocess import SkipSample  # noqa: E402
-from common.raw_sources import find_split_dirs, list_raw_samples  # noqa: E402
+from common.prep import shards  # noqa: E402
+from common.prep.build_dataset import SampleOptions, load_row  # noqa: E402
+from common.prep.openeds_source import find_split_dirs, list_raw_samples  # noqa: E402
+from common.prep.preprocess import SkipSample  # noqa: E402
+from common.prep.synthetic import generate_raw_dataset  # noqa: E402
 from common.schema import dataset_features  # noqa: E402
-from common.synthetic import generate_raw_dataset  # noqa: E402
 
 # (label, compression, level, dictionary on the float maps, byte-stream-split float maps, CDC)
 CHOICES = (

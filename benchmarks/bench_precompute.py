@@ -30,10 +30,10 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.pipeline import SampleOptions, default_workers, plan_shards, run_shards  # noqa: E402
-from common.preprocess import SkipSample, process_sample  # noqa: E402
-from common.raw_sources import find_split_dirs, list_raw_samples, read_raw_sample  # noqa: E402
-from common.synthetic import generate_raw_dataset  # noqa: E402
+from common.prep.build_dataset import SampleOptions, default_workers, plan_shards, run_shards  # noqa: E402
+from common.prep.openeds_source import find_split_dirs, list_raw_samples, read_raw_sample  # noqa: E402
+from common.prep.preprocess import SkipSample, process_sample  # noqa: E402
+from common.prep.synthetic import generate_raw_dataset  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.engine import OptimizerStep, setup_runtime  # noqa: E402
 from common.models import MODEL_NAMES, build_model, count_parameters  # noqa: E402
-from common.tasks import TASKS  # noqa: E402
+from common.train.engine import OptimizerStep, setup_runtime  # noqa: E402
+from common.train.tasks import TASKS  # noqa: E402
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

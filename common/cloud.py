@@ -1,53 +1,52 @@
-"""Training on Modal GPUs: launcher flags and checks, the container image, volumes, the remote job.
+"""Training on Modal GPUs, the launcher side: flags and checks, the container image, submitting a
+run, fetching its outputs. The job that runs in the container is ``common.cloud_job``.
 
 The Modal scripts (train_efficientvit.py, train_ellipse.py, train.py) are wiring over this module.
-Its top level imports only the standard library, ``modal`` and light ``common`` modules: the
-launcher runs where only ``modal`` is installed (``uv run`` builds its environment from a
-script's PEP 723 block), and every flag is checked there before anything is sent. torch and the
-engine are imported inside the job.
-
-State that outlives a container lives on two volumes:
-    openeds-dataset-cache  mounted at /data/openeds (--data-dir): a Hub dataset is downloaded once,
-                           into a folder of its own per run, then renamed into place; later runs
-                           (of any of the three apps) reuse it;
-    visionassist-runs      mounted at /runs: <run-name>/ holds checkpoints, metrics, curves, ONNX.
-                           It is committed after every epoch, so a retried or preempted run
-                           resumes from its last_*.pt.
+Its top level imports only the standard library, ``modal`` (and its ``click``) and light
+``common`` modules: the launcher runs where only ``modal`` is installed (``uv run`` builds its
+environment from a script's PEP 723 block), and every flag is checked there before anything is sent.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import re
-import shutil
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+import click
 import modal
 
 from common.cli import training_parser
+from common.cloud_job import (
+    DATA_MOUNT,
+    DATA_VOLUME,
+    DEFAULT_GPU,
+    RUNS_MOUNT,
+    RUNS_VOLUME,
+    gpu_count,
+    job_summary,
+    run_job,
+)
 from common.errors import ConfigurationError, UserError
-from common.io import atomic_path
+from common.files import atomic_path, remove_stale_temporaries
 
-DATA_VOLUME, DATA_MOUNT = "openeds-dataset-cache", "/data/openeds"
-RUNS_VOLUME, RUNS_MOUNT = "visionassist-runs", "/runs"
-# Folders that stand in for the mounts when the job body runs outside a container (tests).
-DATA_MOUNT_ENV, RUNS_MOUNT_ENV = "VISIONASSIST_DATA_MOUNT", "VISIONASSIST_RUNS_MOUNT"
-DEFAULT_GPU = "L4"
-DEFAULT_SECRET = "databricks-shallow"  # MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID and tokens
-MAX_TIMEOUT_HOURS = 24.0  # Modal's limit for one function call
-GPU_TYPES = ("T4", "L4", "A10", "A10G", "A100", "A100-40GB", "A100-80GB", "L40S", "H100", "H100!", "H200",
-             "B200")
+MAX_TIMEOUT_HOURS = 24.0  # Modal's limit for one attempt of a function call
+# Modal's GPU guide (modal.com/docs/guide/gpu): the types it accepts and the most GPUs one container
+# may have ("B200, H200, H100, A100, L4, T4 and L40S ... up to 8 GPUs ... A10 ... up to 4"). A10G is
+# the older name of A10. The guide gives no count for RTX-PRO-6000: 8, the largest machine, is allowed.
+GPU_MAX = {"T4": 8, "L4": 8, "A10": 4, "A10G": 4, "L40S": 8, "A100": 8, "A100-40GB": 8, "A100-80GB": 8,
+           "RTX-PRO-6000": 8, "H100": 8, "H100!": 8, "H200": 8, "B200": 8, "B200+": 8}
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements.txt"
 PYTHON_VERSION = "3.11"
-RETRIES = 2  # a preempted or crashed container is restarted this often; each resumes from last_*.pt
-NOT_AUTHENTICATED = ("Modal is not authenticated: run `modal token new` once (or set MODAL_TOKEN_ID and "
-                     "MODAL_TOKEN_SECRET), then start the run again")
-MODAL_ONLY = ("timeout_hours", "secret", "detach", "local")  # flags the job itself ignores
+# Attempts after the first when the job raises (a UserError comes back as a result and is not retried).
+# Each attempt has the whole --timeout-hours and resumes from last_*.pt; preemptions restart on top of these.
+RETRIES = 2
+NOT_AUTHENTICATED = ("run `modal token new` once (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET, or choose "
+                     "a profile of ~/.modal.toml with MODAL_PROFILE), then run the command again")
+MODAL_ONLY = ("timeout_hours", "secret", "detach", "local", "fetch")  # flags the job itself ignores
 
 
 # ----------------------------------------------------------------------------- flags
@@ -56,19 +55,15 @@ def parse_gpu(value: str) -> str:
     choices = [part.strip() for part in value.split(",")]
     for choice in choices:
         kind, _, count = choice.partition(":")
-        if kind.upper() not in GPU_TYPES:
-            raise argparse.ArgumentTypeError(f"unknown GPU '{kind}'; choose from {', '.join(GPU_TYPES)}")
-        if count and not (count.isdigit() and 1 <= int(count) <= 8):
-            raise argparse.ArgumentTypeError(f"GPU count must be 1..8, got '{count}' in '{choice}'")
+        most = GPU_MAX.get(kind.upper())
+        if most is None:
+            raise argparse.ArgumentTypeError(f"unknown GPU '{kind}'; choose from {', '.join(GPU_MAX)}")
+        if count and not (count.isdigit() and 1 <= int(count) <= most):
+            raise argparse.ArgumentTypeError(f"{kind.upper()} takes 1..{most} GPUs per container, "
+                                             f"got '{count}' in '{choice}'")
     if len({gpu_count(choice) for choice in choices}) > 1:  # the job starts one process per GPU
         raise argparse.ArgumentTypeError(f"the GPUs of a fallback list need the same count: {value}")
     return ",".join(choices)
-
-
-def gpu_count(value: str) -> int:
-    """GPUs per container of a ``--gpu`` value ('H100:4' -> 4; 'L4' -> 1)."""
-    _, _, count = value.split(",")[0].partition(":")
-    return int(count) if count else 1
 
 
 def parse_timeout_hours(value: str) -> float:
@@ -95,23 +90,24 @@ def modal_parser(description: str, default_hf_repo: str | None = None, add_help:
                        help="Modal GPU: T4, L4, A100-80GB, H100, ... (':N' for N GPUs; 'H100,A100-80GB' "
                             "falls back in order)")
     group.add_argument("--timeout-hours", default=MAX_TIMEOUT_HOURS, type=parse_timeout_hours,
-                       help="stop the remote run after this long (Modal allows at most 24)")
+                       help="stop an attempt of the run after this long (Modal allows at most 24)")
     group.add_argument("--run-name", type=parse_run_name,
                        help="folder on the visionassist-runs volume (default: <model>-<UTC time>); "
                             "rerunning a name resumes it")
-    group.add_argument("--secret", action="append",
-                       help=f"Modal secret to expose as environment variables (repeatable; default "
-                            f"{DEFAULT_SECRET})")
-    group.add_argument("--detach", action="store_true", help="start the run and return; fetch outputs later")
+    group.add_argument("--secret", action="append", default=[],
+                       help="Modal secret to expose as environment variables, e.g. MLflow's (repeatable)")
+    group.add_argument("--detach", action="store_true", help="start the run and return; --fetch it later")
+    group.add_argument("--fetch", metavar="RUN", type=parse_run_name,
+                       help="only download run RUN from the volume into --output-dir (default checkpoints/RUN)")
     group.add_argument("--local", action="store_true", help="run the same job in-process on this machine")
     return parser
 
 
 def finish_args(args, spec) -> argparse.Namespace:
-    """Fill the defaults that depend on the run: run name, secrets, output folder."""
-    if not args.run_name:
-        args.run_name = f"{spec.file_stem}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    args.secret = args.secret or [DEFAULT_SECRET]
+    """Fill the defaults that depend on the run: run name and output folder."""
+    if args.fetch and (args.local or args.detach):
+        raise ConfigurationError("--fetch RUN only downloads a run: leave out --local and --detach")
+    args.run_name = args.fetch or args.run_name or f"{spec.file_stem}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     args.output_dir = args.output_dir or str(Path("checkpoints") / args.run_name)
     return args
 
@@ -133,7 +129,7 @@ def gpu_from_argv(argv: list[str]) -> list[str]:
         return [DEFAULT_GPU]
 
 
-# ----------------------------------------------------------------------------- image and volumes
+# ----------------------------------------------------------------------------- image and function
 def image() -> modal.Image:
     """The container: requirements.txt's pinned versions (read at build time) and ``common/``."""
     return (modal.Image.debian_slim(python_version=PYTHON_VERSION)
@@ -153,132 +149,23 @@ def function_options(argv: list[str]) -> dict:
     }
 
 
-def commit(volume) -> None:
-    """Persist a volume's changes; outside a container (``.local()``, tests) there is nothing to commit."""
-    if volume is not None and not modal.is_local():
-        volume.commit()
+# ----------------------------------------------------------------------------- Modal's errors
+NOT_FOUND = re.compile(r"(Secret|Volume|Environment|App) '([^']+)' not found(?: in environment '([^']+)')?")
 
 
-def reload(volume) -> None:
-    """See other containers' commits; a no-op outside a container."""
-    if volume is not None and not modal.is_local():
-        volume.reload()
-
-
-def mount_paths() -> tuple[Path, Path]:
-    data_root = Path(os.environ.get(DATA_MOUNT_ENV, DATA_MOUNT))
-    return data_root, Path(os.environ.get(RUNS_MOUNT_ENV, RUNS_MOUNT))
-
-
-# ----------------------------------------------------------------------------- the job
-def volume_dataset(repo_id: str, data_root: Path, run_name: str, volume=None, download=None) -> Path:
-    """A Hub dataset on the dataset volume: downloaded once, reused by every later run.
-
-    Each run downloads into a staging folder of its own and renames it into place, so concurrent
-    runs never write the same files; a run that finds the dataset complete just uses it.
-    """
-    from common import hub
-
-    download = download or (lambda repo, dest: hub.download_dataset(repo, dest, ["train", "validation"]))
-    target = data_root / "datasets" / repo_id.replace("/", "--")
-    marker = target / ".complete.json"
-    reload(volume)
-    if marker.exists():
-        print(f"dataset {repo_id}: cached on the {DATA_VOLUME} volume ({target})")
-        return target
-    staging = data_root / ".staging" / run_name
-    shutil.rmtree(staging, ignore_errors=True)
-    print(f"dataset {repo_id}: downloading to the {DATA_VOLUME} volume (once for all runs)")
-    download(repo_id, staging)
-    reload(volume)
-    if marker.exists():  # another run finished the same download first
-        shutil.rmtree(staging, ignore_errors=True)
-        return target
-    shutil.rmtree(target, ignore_errors=True)  # leftovers of a download that never completed
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging.rename(target)
-    with atomic_path(marker) as tmp:
-        tmp.write_text(json.dumps({"repo": repo_id, "run": run_name}))
-    commit(volume)
-    return target
-
-
-def resume_checkpoint(requested: str | None, out_dir: Path, spec) -> Path | None:
-    """The checkpoint a run continues from: ``--resume`` (a path, or one relative to the runs
-    folder), else the run folder's own ``last_*.pt`` left by an earlier attempt."""
-    if requested:
-        candidates = [Path(requested), out_dir.parent / requested, out_dir / requested]
-        found = next((path for path in candidates if path.is_file()), None)
-        if found is None:
-            raise UserError(f"--resume {requested}: no such checkpoint in {out_dir.parent} (on Modal, the "
-                            f"{RUNS_VOLUME} volume; list it with `modal volume ls {RUNS_VOLUME}`)")
-        return found
-    last = out_dir / spec.last_name
-    if last.is_file():
-        print(f"run {out_dir.name} has {last.name} from an earlier attempt: resuming from it")
-        return last
-    return None
-
-
-def run_job(spec, config: dict, on_modal: bool = True) -> dict:
-    """The training job, in a Modal container or (``on_modal=False``) in this process.
-
-    On Modal the volumes are the data and output folders, a Hub dataset is cached on its
-    volume, the output volume is committed after every epoch, and a container with several GPUs
-    trains on all of them through torchrun.
-    """
-    from common.engine import fit
-
-    args = argparse.Namespace(**config)
-    on_saved = None
-    if on_modal:
-        data_root, runs_root = mount_paths()
-        args.data_dir, args.output_dir = str(data_root), str(runs_root / args.run_name)
-        if not (args.demo or args.dataset):
-            data_volume = modal.Volume.from_name(DATA_VOLUME)
-            args.dataset = str(volume_dataset(args.hf_repo, data_root, args.run_name, data_volume))
-        processes = gpu_count(getattr(args, "gpu", DEFAULT_GPU))
-        if processes > 1 and "LOCAL_RANK" not in os.environ:
-            return run_torchrun(spec, vars(args), processes)
-        runs_volume = modal.Volume.from_name(RUNS_VOLUME)
-        on_saved = lambda: commit(runs_volume)  # noqa: E731  (rank 0 alone calls it)
-    args.resume = resume_checkpoint(args.resume, Path(args.output_dir), spec)
-    return fit(args, spec, on_saved=on_saved)
-
-
-def run_torchrun(spec, config: dict, processes: int) -> dict:
-    """The job on every GPU of the container: torchrun starts one process per GPU, each running
-    ``run_job``; rank 0 writes the summary that this process returns."""
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        config_path, summary_path = Path(folder) / "config.json", Path(folder) / "summary.json"
-        config_path.write_text(json.dumps(config))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={processes}", "-m", "common.cloud", spec.model_name, str(config_path),
-                   str(summary_path)]
-        print(f"starting {processes} training processes: torchrun --nproc_per_node={processes}")
-        if subprocess.run(command).returncode != 0:
-            raise UserError(f"the {processes}-process run failed; its messages are above")
-        return json.loads(summary_path.read_text())
-
-
-def _torchrun_worker(model_name: str, config_path: str, summary_path: str) -> None:
-    """One torchrun process of ``run_torchrun``."""
-    from common.specs import SPECS
-
-    summary = run_job(SPECS[model_name], json.loads(Path(config_path).read_text()))
-    if os.environ.get("RANK", "0") == "0":
-        Path(summary_path).write_text(json.dumps(summary))
-
-
-# ----------------------------------------------------------------------------- the launcher
-def require_modal_auth() -> None:
-    from modal.config import config
-
-    if not (config.get("token_id") and config.get("token_secret")):
-        raise ConfigurationError(NOT_AUTHENTICATED)
+def not_found_message(exc: Exception) -> str:
+    """A NotFoundError as what was not found, read from the server's text ("Secret 'x' not found in
+    environment 'main'"); Modal's own words when the text has another form."""
+    match = NOT_FOUND.match(str(exc).strip())
+    if match is None:
+        return f"not found on Modal: {exc}"
+    kind, name, environment = match.groups()
+    hint = {"Secret": f"create it with `modal secret create {name} KEY=VALUE ...`, or leave out --secret {name}",
+            "Volume": "`modal volume list` shows this environment's volumes",
+            "Environment": "`modal environment list` shows the environments (MODAL_ENVIRONMENT picks one)",
+            "App": "`modal app list` shows this environment's apps"}[kind]
+    where = f" in environment '{environment}'" if environment else ""
+    return f"Modal {kind.lower()} '{name}' not found{where}: {hint}"
 
 
 @contextlib.contextmanager
@@ -286,32 +173,101 @@ def modal_errors():
     """Modal's failures as one line each (the job's own UserErrors pass through unchanged)."""
     try:
         yield
-    except modal.exception.AuthError:
-        raise ConfigurationError(NOT_AUTHENTICATED) from None
+    except modal.exception.AuthError as exc:  # no credentials, or MODAL_PROFILE names no profile
+        reason = str(exc).split(". ")[0].rstrip(".")
+        raise ConfigurationError(f"Modal is not authenticated ({reason}): {NOT_AUTHENTICATED}") from None
+    except modal.exception.InvalidError as exc:
+        if not re.search(r"credentials|OAuth", str(exc)):
+            raise
+        raise ConfigurationError(f"Modal's credentials: {exc}") from None
     except modal.exception.NotFoundError as exc:
-        raise ConfigurationError(
-            f"not found on Modal: {exc}. A secret is created with `modal secret create {DEFAULT_SECRET} "
-            "MLFLOW_TRACKING_URI=... MLFLOW_EXPERIMENT_ID=...`, or pass another with --secret NAME") from None
-    except (modal.exception.ConnectionError, modal.exception.TimeoutError, ConnectionError,
-            TimeoutError) as exc:
+        raise ConfigurationError(not_found_message(exc)) from None
+    except (modal.exception.ConnectionError, modal.exception.ServiceError, modal.exception.TimeoutError,
+            ConnectionError, TimeoutError) as exc:
         raise UserError(f"cannot reach Modal ({type(exc).__name__}: {exc}); check the network "
                         "(and MODAL_SERVER_URL if set)") from None
 
 
+def check_secrets(names: list[str]) -> list:
+    """Load every ``--secret`` before the app runs (and its image is built): a missing one stops the
+    launcher in one line naming it."""
+    secrets = []
+    for name in names:
+        secret = modal.Secret.from_name(name)
+        try:
+            secret.hydrate()
+        except modal.exception.NotFoundError as exc:
+            if not str(exc).startswith(f"Secret '{name}'"):
+                raise  # e.g. the environment is missing: modal_errors names it
+            raise ConfigurationError(not_found_message(exc)) from None
+        secrets.append(secret)
+    return secrets
+
+
+# ----------------------------------------------------------------------------- `modal run`
+def modal_run_detach() -> bool | None:
+    """Under ``modal run``: whether Modal's own ``--detach`` (before the script name) was given, which
+    keeps the app alive when this command exits; None when ``modal run`` did not start us.
+
+    Modal keeps that flag only in its click context (modal/cli/run.py); a ``--detach`` after the
+    script name reaches our parser instead.
+    """
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.obj if ctx is not None else None
+    return bool(obj["detach"]) if isinstance(obj, dict) and "detach" in obj else None
+
+
+def script_path() -> str:
+    """The script as the user named it: ``modal run``'s FUNC_REF, else the command line's."""
+    if modal_run_detach() is not None:
+        return click.get_current_context().info_name.split("::")[0]
+    return sys.argv[0]
+
+
+def fetch_command(args) -> str:
+    """The command that downloads this run again (``--output-dir`` only when not the default)."""
+    command = f"uv run {script_path()} --fetch {args.run_name}"
+    if Path(args.output_dir) != Path("checkpoints") / args.run_name:
+        command += f" --output-dir {args.output_dir}"
+    return command
+
+
+# ----------------------------------------------------------------------------- runs on the volume
 def download_run(volume, run_name: str, dest: Path) -> int:
-    """Copy ``<run_name>/`` from the runs volume into ``dest`` (each file atomically); returns the count."""
+    """Copy ``<run_name>/`` from the runs volume into ``dest``, each file atomically; returns the count.
+
+    Rerunning it after an interruption fetches every file again and clears the killed download's
+    temporaries. A writer's temporary that a commit caught on the volume is skipped.
+    """
     from modal.volume import FileEntryType
 
-    count = 0
+    count, cleaned = 0, set()
     for entry in volume.listdir(run_name, recursive=True):
-        if entry.type != FileEntryType.FILE:
+        path = PurePosixPath(entry.path)
+        if entry.type != FileEntryType.FILE or path.name.startswith(".tmp-"):
             continue
-        target = dest / PurePosixPath(entry.path).relative_to(run_name)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = dest / path.relative_to(run_name)
+        if target.parent not in cleaned and target.parent.is_dir():
+            remove_stale_temporaries(target.parent)
+        cleaned.add(target.parent)
         with atomic_path(target) as tmp, open(tmp, "wb") as handle:
-            for chunk in volume.read_file(entry.path):
-                handle.write(chunk)
+            handle.writelines(volume.read_file(entry.path))  # chunks of bytes
         count += 1
+    return count
+
+
+def fetch_run(run_name: str, dest: Path, volume=None) -> int:
+    """``--fetch RUN``: download a run folder from the runs volume into ``dest``."""
+    volume = volume or modal.Volume.from_name(RUNS_VOLUME)
+    volume.hydrate()  # a missing volume is reported as one (NotFoundError), not as a missing run
+    try:
+        count = download_run(volume, run_name, dest)
+    except (modal.exception.NotFoundError, FileNotFoundError):
+        count = 0
+    if count == 0:
+        raise UserError(f"run {run_name} has no files on the {RUNS_VOLUME} volume (list the runs with "
+                        f"`modal volume ls {RUNS_VOLUME}`)")
+    print(f"downloaded {count} files of run {run_name} to {dest}")
     return count
 
 
@@ -332,22 +288,30 @@ def check_resume_on_volume(volume, requested: str, run_name: str) -> None:
                     f"`modal volume ls {RUNS_VOLUME} {run_name}`)")
 
 
-def _submit(args, function) -> dict | None:
-    configured = function.with_options(timeout=int(args.timeout_hours * 3600),
-                                       secrets=[modal.Secret.from_name(name) for name in args.secret])
+# ----------------------------------------------------------------------------- the launcher
+def _submit(args, function, secrets: list) -> dict | None:
+    configured = function.with_options(timeout=int(args.timeout_hours * 3600), secrets=secrets)
     config = {key: value for key, value in vars(args).items() if key not in MODAL_ONLY}
-    fetch = f"modal volume get {RUNS_VOLUME} {args.run_name} {args.output_dir}"
     runs_volume = modal.Volume.from_name(RUNS_VOLUME, create_if_missing=True)
     if args.resume:
         check_resume_on_volume(runs_volume, args.resume, args.run_name)
+    # spawn() also when waiting: the call then lives on the server, which drives its retries.
+    call = configured.spawn(config)
     if args.detach:
-        call = configured.spawn(config)
-        print(f"started run {args.run_name} on Modal (call {call.object_id}); "
-              f"fetch its outputs with:\n  {fetch}")
+        print(f"started run {args.run_name} on Modal (call {call.object_id}); when it has finished, "
+              f"download it with:\n  {fetch_command(args)}")
         return None
-    summary = configured.remote(config)
+    try:
+        result = call.get()
+    except modal.exception.FunctionTimeoutError:  # a subclass of the TimeoutError modal_errors reads as network
+        count = download_run(runs_volume, args.run_name, Path(args.output_dir))
+        raise UserError(f"run {args.run_name} hit its {args.timeout_hours:g} h timeout (--timeout-hours) "
+                        f"in its last attempt; downloaded the {count} files it had saved to {args.output_dir}; "
+                        f"continue it with --run-name {args.run_name}") from None
+    summary = job_summary(result)
     count = download_run(runs_volume, args.run_name, Path(args.output_dir))
-    print(f"downloaded {count} files of run {args.run_name} to {args.output_dir}")
+    print(f"downloaded {count} files of run {args.run_name} to {args.output_dir} "
+          f"(again any time: {fetch_command(args)})")
     return summary
 
 
@@ -361,17 +325,28 @@ def run_local(args, spec) -> dict:
 
 
 def launch(args, spec, function, app: modal.App) -> dict | None:
-    """Run ``function`` (the script's Modal job) as ``args`` say, or in-process with ``--local``."""
+    """Run ``function`` (the script's Modal job) as ``args`` say, in-process with ``--local``, or only
+    download a run with ``--fetch``."""
     finish_args(args, spec)
     if args.local:
         return run_local(args, spec)
-    require_modal_auth()
+    if getattr(args, "init", None):  # a local path means nothing inside the container
+        raise ConfigurationError("--init reads a file on this machine: fine-tune with --local or a "
+                                 "train_*_local.py script")
+    cli_detach = modal_run_detach()
+    started_by_modal_run = cli_detach is not None or app.app_id is not None
+    if started_by_modal_run and args.detach and not cli_detach:
+        # Our --detach would spawn and return, and Modal stops a non-detached app when we return.
+        script = script_path()
+        raise ConfigurationError(f"--detach after the script name does not detach `modal run` (Modal stops "
+                                 f"the run when this command exits): use `modal run --detach {script} ...` "
+                                 f"or `uv run {script} ... --detach`")
     with modal_errors():
-        if app.app_id is not None:  # `modal run` already started the app
-            return _submit(args, function)
+        if args.fetch:
+            fetch_run(args.fetch, Path(args.output_dir))
+            return None
+        secrets = check_secrets(args.secret)
+        if started_by_modal_run:  # the app runs already
+            return _submit(args, function, secrets)
         with modal.enable_output(), app.run(detach=args.detach):
-            return _submit(args, function)
-
-
-if __name__ == "__main__":  # a torchrun process started by run_torchrun
-    _torchrun_worker(*sys.argv[1:])
+            return _submit(args, function, secrets)

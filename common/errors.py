@@ -21,6 +21,12 @@ class ConfigurationError(UserError):
     exit_code = 2
 
 
+class InputError(UserError):
+    """A frame, image or video the predictor cannot use."""
+
+    exit_code = 2
+
+
 class DiskFullError(UserError):
     """No space left (or the quota is full) while writing a file; the previous file is kept."""
 

@@ -9,7 +9,20 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from common.cli import training_parser
+from common.images import write_image
+from common.infer.export import export_onnx, verify_onnx
+from common.infer.inference import Prediction, overlay
+from common.infer.quantize import PrecisionError
+from common.models import build_model, count_parameters, model_task
+from common.prep.preprocess import Ellipse
+from common.specs import DEFAULT_SIZE
+from common.train.data import open_loaders
+from common.train.engine import save_prediction_picture
+from common.train.export_check import export_model, reduced_name
+from common.train.runtime import setup_runtime
+from common.train.tasks import TASKS
 
 
 def notebook_args(spec, dataset: str, epochs: int, batch_size: int, image_size, output_dir: str):
@@ -33,15 +46,6 @@ def _show(path: Path) -> None:
 
 def data_overview(args, spec) -> None:
     """Train/validation counts and the first validation frame with its pupil mask or ellipse."""
-    import cv2
-
-    from common.data import open_loaders
-    from common.inference import Prediction, overlay
-    from common.io import atomic_path
-    from common.models import model_task
-    from common.preprocess import Ellipse
-    from common.tasks import TASKS
-
     task = model_task(spec.model_name)
     loaders, source = open_loaders(args, TASKS[task].targets, pin_memory=False)
     print(f"{source}: {len(loaders.train.dataset)} train / {len(loaders.valid.dataset)} validation frames "
@@ -52,18 +56,11 @@ def data_overview(args, spec) -> None:
     ellipse = None
     if task == "ellipse":  # the stored (cx, cy, rx, ry), drawn axis-aligned as the metrics do
         ellipse = Ellipse(*batch["ellipse"][0].tolist(), 0.0)
-    picture = overlay(frame, Prediction(mask, ellipse))
-    path = Path(args.output_dir) / "sample.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(cv2.imencode(".png", picture)[1].tobytes())
-    _show(path)
+    _show(write_image(Path(args.output_dir) / "sample.png", overlay(frame, Prediction(mask, ellipse))))
 
 
-def check_model(spec, limit: int | None, input_size=(400, 640)) -> torch.nn.Module:
+def check_model(spec, limit: int | None, input_size=DEFAULT_SIZE) -> torch.nn.Module:
     """Build the model, print its size (asserting ``limit``) and check its output on one frame."""
-    from common.models import build_model, count_parameters
-
     model = build_model(spec.model_name).eval()
     parameters = count_parameters(model)
     print(f"{spec.model_type}: {parameters:,} trainable parameters")
@@ -83,40 +80,38 @@ def show_curves(args, spec) -> None:
 
 def show_predictions(args, spec) -> Path:
     """The best checkpoint on validation frames: true pupil and prediction overlaid."""
-    from common.checkpoint import load_model
-    from common.data import open_loaders
-    from common.engine import setup_runtime
-    from common.models import model_task
-    from common.pictures import save_predictions
-    from common.tasks import TASKS
-
     task = model_task(spec.model_name)
     runtime = setup_runtime(args)
     loaders, _ = open_loaders(args, TASKS[task].targets, pin_memory=False)
     model = load_model(Path(args.output_dir) / spec.best_name, device=runtime.device)
-    path = save_predictions(Path(args.output_dir) / "predictions_best.png", model, loaders.valid.dataset,
-                            task, runtime)
+    path = save_prediction_picture(Path(args.output_dir) / "predictions_best.png", model, loaders.valid.dataset,
+                                   task, runtime)
     _show(path)
     return path
 
 
 def final_report(args, spec) -> dict:
-    """Best and final validation metrics of the run, from its metrics_<model>.json."""
+    """Best and final validation metrics of the run, from its metrics_<model>.json: mIoU, pupil IoU
+    and its per-frame median and 10th percentile, centre errors (px) and the detection rate at 5 px."""
     history = json.loads((Path(args.output_dir) / f"{spec.metrics_name}.json").read_text())
     best = max(history, key=lambda row: row["valid_iou"])
     keys = [key for key in history[-1] if key.startswith("valid_") and key != "valid_loss"]
     print(f"{spec.model_type}, {len(history)} epochs")
     for label, row in (("best", best), ("final", history[-1])):
-        values = ", ".join(f"{key.removeprefix('valid_')} {row[key]:.4f}" for key in keys)
+        values = ", ".join(f"{key.removeprefix('valid_')} {row[key]:{_figure_format(key)}}" for key in keys)
         print(f"  {label} (epoch {row['epoch']}): validation {values}")
     return {"best": best, "final": history[-1]}
 
 
+def _figure_format(key: str) -> str:
+    """Pixels with 2 decimals, frame counts whole, IoUs and rates with 4."""
+    if key.endswith("_px"):
+        return ".2f"
+    return ".0f" if key.endswith(("missed", "negatives", "false_pupils")) else ".4f"
+
+
 def export_and_verify(args, spec, max_onnx_kb: float | None = None) -> tuple[Path, Path]:
     """Export the best checkpoint to ONNX, check it with onnxruntime against PyTorch, show sizes."""
-    from common.checkpoint import load_checkpoint, load_model
-    from common.export import export_onnx, verify_onnx
-
     out_dir = Path(args.output_dir)
     pt_path = out_dir / spec.best_name
     model = load_model(pt_path, device="cpu")
@@ -130,3 +125,19 @@ def export_and_verify(args, spec, max_onnx_kb: float | None = None) -> tuple[Pat
         assert onnx_kb < max_onnx_kb, f"ONNX file is {onnx_kb:.0f} KB, over {max_onnx_kb} KB"
     return pt_path, onnx_path
 
+
+
+def export_int8(args, spec) -> Path | None:
+    """The best checkpoint as an INT8 ONNX file (``export.py --int8``): calibrated on the run's
+    training frames, scored against fp32 on its validation split. None, with the one-line reason,
+    when it loses too much pupil IoU (nothing is written then)."""
+    pt_path = Path(args.output_dir) / spec.best_name
+    checkpoint = load_checkpoint(pt_path)
+    try:
+        report = export_model(model_from_checkpoint(checkpoint, pt_path), reduced_name(pt_path, "int8"),
+                              "int8", args, recorded_size=checkpoint["model_config"]["input_size"])
+    except PrecisionError as exc:
+        print(f"no INT8 file: {exc}")
+        return None
+    print("\n".join(report.lines()))
+    return report.path

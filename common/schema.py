@@ -14,8 +14,8 @@ import re
 
 from datasets import Array2D, Array3D, Features, Value
 
-DEFAULT_SIZE = (400, 640)  # (H, W) of OpenEDS frames
-SIZE_MULTIPLE = 16  # trainable frames have H and W divisible by this: the segmentation models' stride
+from common.specs import DEFAULT_SIZE
+
 DATA_DIR = "data"
 STATE_DIR = ".shards"
 MANIFEST_NAME = "manifest.json"

@@ -1,11 +1,31 @@
-"""What each training script trains and how it names its files.
+"""The project's defaults and what each training script trains and how it names its files.
 
-Plain data with no heavy imports: the Modal launchers read these on machines without torch.
+Plain data with no imports beyond the standard library: the Modal launchers and the parsers read
+these on machines without torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+DEFAULT_SIZE = (400, 640)  # (H, W) of OpenEDS frames
+SIZE_MULTIPLE = 16  # the segmentation models' stride: trainable frames have H and W divisible by it
+DEFAULT_DATA_DIR = "~/.cache/openeds"  # Hub and demo data cache
+DEFAULT_HF_REPO = "Conner/sddec25-01"  # the published dataset
+SHALLOWNET_HF_REPO = "Conner/openeds-precomputed"  # the older dataset the original ShallowNet trains on
+DEMO_SAMPLES = 300
+DEMO_SEED = 0
+# families of the domain-randomized synthetic generator: disjoint rendering parameters (prep/synthetic.py)
+SYNTHETIC_FAMILIES = ("train", "heldout")
+# Train-split augmentation groups (common.train.augment): --augment takes a comma list of these,
+# "all" (every group) or "none". The default stays today's until a benchmark measures the others.
+AUGMENT_GROUPS = ("original", "photometric", "geometric", "occluders")
+# The training recipe's defaults, one line each: benchmarks/bench_transfer.py measures the choices
+# (README, "Transfer to new people and cameras").
+DEFAULT_AUGMENT = "original"
+DEFAULT_EPOCHS = 10
+DEFAULT_EMA = 0.0  # decay of the weights' moving average (--ema); 0 trains and validates the weights as they are
+DEFAULT_ALPHA_FLOOR = 0.2  # segmentation loss: the lowest weight of Dice against the surface term
 
 
 @dataclass(frozen=True)
@@ -58,36 +78,16 @@ class TrainSpec:
         return improved
 
 
-EFFICIENTVIT = TrainSpec(
-    model_name="efficientvit",
-    model_type="TinyEfficientViT",
-    architecture="EfficientViT-MSRA cascaded group attention, 3 stages, skip decoder",
-    file_stem="efficientvit_model",
-    epoch_pattern="efficientvit_model_epoch_{epoch}_miou_{metric:.4f}.pt",
-    epoch_checkpoint="on_improve",
-)
-EFFICIENTVIT_TINY = TrainSpec(
-    model_name="efficientvit_micro",
-    model_type="TinyEfficientViT-Micro",
-    architecture="EfficientViT-MSRA micro: embed (8,12,18), decoder 8, heads (1,1,1)",
-    file_stem="efficientvit_tiny_model",
-    epoch_pattern="efficientvit_tiny_model_epoch_{epoch}.pt",
-    epoch_checkpoint="on_improve",
-)
-ELLIPSE = TrainSpec(
-    model_name="ellipse",
-    model_type="EllipseRegression",
-    architecture="CNN encoder + global pool + sigmoid head (cx, cy, rx, ry)",
-    file_stem="ellipse_model",
-    epoch_pattern="ellipse_model_epoch_{epoch}.pt",
-    epoch_checkpoint="every_10",
-)
-SHALLOWNET = TrainSpec(
-    model_name="shallownet",
-    model_type="ShallowNet",
-    architecture="dense U-Net: 5 densely connected encoder blocks, 4 decoder blocks, separable convs",
-    file_stem="shallow_model",
-    epoch_pattern="shallow_model_epoch_{epoch}.pt",
-    epoch_checkpoint="every_10",
-)
+# model, MLflow model_type and architecture tags, file stem, per-epoch checkpoint name, when it is written
+EFFICIENTVIT = TrainSpec("efficientvit", "TinyEfficientViT",
+                         "EfficientViT-MSRA cascaded group attention, 3 stages, skip decoder", "efficientvit_model",
+                         "efficientvit_model_epoch_{epoch}_miou_{metric:.4f}.pt", "on_improve")
+EFFICIENTVIT_TINY = TrainSpec("efficientvit_micro", "TinyEfficientViT-Micro",
+                              "EfficientViT-MSRA micro: embed (8,12,18), decoder 8, heads (1,1,1)",
+                              "efficientvit_tiny_model", "efficientvit_tiny_model_epoch_{epoch}.pt", "on_improve")
+ELLIPSE = TrainSpec("ellipse", "EllipseRegression", "CNN encoder + global pool + sigmoid head (cx, cy, rx, ry)",
+                    "ellipse_model", "ellipse_model_epoch_{epoch}.pt", "every_10")
+SHALLOWNET = TrainSpec("shallownet", "ShallowNet",
+                       "dense U-Net: 5 densely connected encoder blocks, 4 decoder blocks, separable convs",
+                       "shallow_model", "shallow_model_epoch_{epoch}.pt", "every_10")
 SPECS = {spec.model_name: spec for spec in (EFFICIENTVIT, EFFICIENTVIT_TINY, ELLIPSE, SHALLOWNET)}

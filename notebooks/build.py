@@ -5,8 +5,9 @@ The template (notebooks/templates/train.py) is a Python file split into cells by
 papermill parameters cell, and ``# %% [common]`` is replaced by one ``%%writefile`` cell per
 ``common/`` module the notebook imports, directly or through other modules. So the notebook shows
 all the code it runs, and the only way to change that code is to change ``common/``.
-``{{REQUIREMENTS}}`` is replaced by requirements.txt without its torch pin, and the other
-``{{NAME}}`` fields by the notebook's values in ``NOTEBOOKS``.
+``{{INSTALLER}}`` is replaced by the source of common/notebook_install.py (the install cell runs
+before the ``%%writefile`` cells, so it carries its code itself), and the other ``{{NAME}}`` fields
+by the notebook's values in ``NOTEBOOKS``.
 
 Examples:
     python notebooks/build.py            # rewrite notebooks/*.ipynb
@@ -26,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE = TEMPLATES / "train.py"
+INSTALLER = ROOT / "common" / "notebook_install.py"
 # What differs between the notebooks: the template's {{NAME}} fields.
 NOTEBOOKS = {
     "train_efficientvit": {
@@ -150,13 +152,8 @@ def common_cells(template: str) -> list[tuple[str, str]]:
     return cells
 
 
-def requirements_without_torch() -> str:
-    lines = (ROOT / "requirements.txt").read_text().splitlines()
-    return "\n".join(line for line in lines if line.strip() and not line.startswith(("#", "torch==")))
-
-
 def build(name: str) -> dict:
-    template = TEMPLATE.read_text().replace("{{REQUIREMENTS}}", requirements_without_torch())
+    template = TEMPLATE.read_text().replace("{{INSTALLER}}", INSTALLER.read_text().strip("\n"))
     for field, value in NOTEBOOKS[name].items():
         template = template.replace("{{" + field + "}}", value)
     cells = []

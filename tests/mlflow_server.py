@@ -4,10 +4,7 @@
 default ``--serve-artifacts``): clients upload artifacts over HTTP to ``mlflow-artifacts:/``, as they
 would against a deployed server.
 
-Use the shared, session-wide server through the fixture::
-
-    # importing under this name keeps linters from seeing the test's argument as a redefinition
-    from tests.mlflow_server import mlflow_server_fixture  # noqa: F401
+Use the shared, session-wide server through the ``mlflow_server`` fixture of tests/conftest.py::
 
     def test_something(mlflow_server):
         client = MlflowClient(mlflow_server.uri)
@@ -26,8 +23,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-
-import pytest
 
 READY_TIMEOUT_S = 120.0  # a start on a busy 2-core machine imports a lot (FastAPI, SQLAlchemy, ...)
 
@@ -103,27 +98,3 @@ def start_mlflow_server(root: Path, timeout: float = READY_TIMEOUT_S) -> MlflowS
     """Start a server in ``root`` and wait until it answers; the caller must ``stop()`` it."""
     return MlflowServer(root).wait_ready(timeout)
 
-
-_shared: MlflowServer | None = None
-
-
-@pytest.fixture(scope="session", name="mlflow_server")
-def mlflow_server_fixture(tmp_path_factory) -> MlflowServer:
-    """One MLflow server for the whole session (starting one takes seconds).
-
-    Test modules that import this fixture each get their own fixture definition from pytest; the
-    module-level cache makes them all share one server process. A failed start fails the test with
-    the server's log: the test dependencies include MLflow, so a missing server is a real failure.
-    """
-    global _shared
-    if _shared is None or not _shared.running:
-        try:
-            _shared = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
-        except RuntimeError as exc:
-            pytest.fail(str(exc), pytrace=False)
-    yield _shared
-    _shared.stop()  # at session end; a second definition's teardown finds it stopped already
-
-
-# Either name can be imported; tests request the fixture as `mlflow_server`.
-mlflow_server = mlflow_server_fixture

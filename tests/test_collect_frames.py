@@ -16,11 +16,18 @@ import cv2
 import numpy as np
 import pytest
 
-from common import frames
 from common.errors import ConfigurationError
-from common.frames import FrameError, ViewerState, handle_key, is_selected, make_preview, prepare_frame
+from common.infer import video_frames as frames
+from common.infer.video_frames import (
+    FrameError,
+    ViewerState,
+    handle_key,
+    is_selected,
+    make_preview,
+    prepare_frame,
+)
+from tests.helpers import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 N_FRAMES, FPS, HEIGHT, WIDTH = 30, 10.0, 64, 96
 
 
@@ -54,13 +61,14 @@ def headless_env() -> dict:
 
 def run_script(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "collect_frames.py", *map(str, args)], check=False,
-                          cwd=REPO, env=headless_env(), capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=headless_env(), capture_output=True, text=True, timeout=120)
 
 
 def saved_indices(out_dir: Path) -> list[int]:
     return sorted(int(p.stem.rsplit("_", 1)[1]) for p in (out_dir / "images").glob("*.png"))
 
 
+@pytest.mark.slow
 def test_every_n_frames_saves_images_previews_and_meta(video, tmp_path):
     result = run_script(video, "--dataset", tmp_path, "--every", 5)
     assert result.returncode == 0, result.stderr
@@ -80,6 +88,7 @@ def test_every_n_frames_saves_images_previews_and_meta(video, tmp_path):
     assert not list(out.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_every_sec_with_start_sec(video, tmp_path):
     result = run_script(video, "--dataset", tmp_path, "--every-sec", 1.0, "--start-sec", 1.0)
     assert result.returncode == 0, result.stderr
@@ -91,6 +100,7 @@ def test_every_sec_with_start_sec(video, tmp_path):
     assert meta["time_sec"] == 2.0
 
 
+@pytest.mark.slow
 def test_grayscale_roi_and_max_frames(video, tmp_path):
     result = run_script(video, "--dataset", tmp_path, "--every", 3, "--grayscale",
                         "--roi", 10, 4, 50, 40, "--max-frames", 4)
@@ -106,6 +116,7 @@ def test_grayscale_roi_and_max_frames(video, tmp_path):
     assert meta["size"] == [40, 50]
 
 
+@pytest.mark.slow
 def test_no_display_is_a_configuration_error(tmp_path):
     # The check comes before the video is opened, so even a missing video reports the display.
     result = run_script(tmp_path / "missing.avi", "--dataset", tmp_path)
@@ -115,12 +126,14 @@ def test_no_display_is_a_configuration_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_video_is_reported(tmp_path):
     result = run_script(tmp_path / "missing.avi", "--dataset", tmp_path, "--every", 5)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: video not found: {tmp_path / 'missing.avi'}"
 
 
+@pytest.mark.slow
 def test_unreadable_video_is_reported(tmp_path):
     bogus = tmp_path / "bogus.avi"
     bogus.write_bytes(b"not a video at all" * 10)
@@ -132,6 +145,7 @@ def test_unreadable_video_is_reported(tmp_path):
     assert not (tmp_path / "bogus" / "images").exists()
 
 
+@pytest.mark.slow
 def test_roi_outside_frame_is_reported(video, tmp_path):
     result = run_script(video, "--dataset", tmp_path, "--every", 5, "--roi", 60, 0, 40, 10)
     assert result.returncode == 1

@@ -13,9 +13,10 @@ import sys
 
 import pytest
 
-from tests.test_training import ROOT, clean_env
+from tests.helpers import ROOT, clean_env
 
 
+@pytest.mark.slow
 def test_demo_training_reaches_pupil_iou_0_8(tmp_path):
     command = [sys.executable, str(ROOT / "train_efficientvit_local.py"), "--demo", "--demo-samples", "200",
                "--demo-size", "160", "256", "--epochs", "10", "--num-workers", "0",

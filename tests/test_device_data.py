@@ -3,16 +3,16 @@ the memory-budget decision and per-rank shards."""
 
 import json
 import subprocess
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
-from common import data as data_module
-from common.augment import augment_batch
-from common.data import (
+from common.errors import UserError
+from common.train import data as data_module
+from common.train.augment import augment_batch
+from common.train.data import (
     ALL_TARGETS,
     DEVICE_DATA_CAP,
     DeviceBatches,
@@ -22,10 +22,9 @@ from common.data import (
     stored_dtype,
     to_device,
 )
-from common.engine import augment_generator
-from common.errors import UserError
+from common.train.engine import augment_generator
+from tests.helpers import demo_flags, train
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 GIB = 2**30
 SIZE = (64, 96)
@@ -159,16 +158,11 @@ def test_a_rank_holds_only_its_shard_and_yields_the_sampler_batches(demo):
 
 
 def run(out_dir: Path, data_dir: Path, choice: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "train_efficientvit_tiny_local.py"), "--demo",
-               "--demo-samples", "16", "--demo-size", *map(str, SIZE), "--batch-size", "4",
-               "--num-workers", "0", "--epochs", "2",
-               "--device", "cpu", "--data-on-device", choice, "--data-dir", str(data_dir),
-               "--output-dir", str(out_dir)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return train("tiny", out_dir, data_dir, "--epochs", "2", "--device", "cpu", "--data-on-device", choice,
+                 demo=demo_flags(16, *SIZE))
 
 
+@pytest.mark.slow
 def test_training_metrics_are_identical_on_and_off_the_device(tmp_path):
     on, off = run(tmp_path / "on", tmp_path, "on"), run(tmp_path / "off", tmp_path, "off")
     assert "data on device: on (on, cpu; splits" in on.stdout

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.export import export_onnx, onnx_input_size, verify_onnx
+from common.infer.export import export_onnx, onnx_input_size, verify_onnx
 from common.models import MODEL_NAMES, build_model
-from tests.helpers import randomize
+from tests.helpers import float32_tolerance, randomize
 
 SMALL = (96, 160)
 
@@ -32,7 +32,9 @@ def test_onnx_matches_pytorch(exported, name):
     model, path = exported[name]
     diff = verify_onnx(model, path, batch=2, input_size=SMALL)
     print(f"{name} {SMALL}: max abs diff {diff:.2e}")
-    assert diff < 1e-4
+    with torch.no_grad():
+        expected = model(torch.rand(2, 1, *SMALL) * 2 - 1)  # the output's magnitude sets the rounding
+    assert diff < float32_tolerance(expected)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -86,7 +88,7 @@ def test_export_leaves_model_untouched(tmp_path):
 
 
 def test_onnx_input_size_rejects_dynamic_spatial_axes(tmp_path):
-    from common.export import ExportError
+    from common.infer.export import ExportError
 
     image = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["b", 1, "h", "w"])
     out = onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["b", 1, "h", "w"])

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from common.folder_source import (
+from common.prep.folder_source import (
     FolderImportError,
     FolderSample,
     discover_folder,
@@ -14,7 +14,7 @@ from common.folder_source import (
     mask_to_pupil,
     stratified_split,
 )
-from common.preprocess import (
+from common.prep.preprocess import (
     Ellipse,
     Letterbox,
     SkipSample,

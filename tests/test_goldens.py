@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import preprocess
+from common.prep import preprocess
 
 GOLDENS = Path(__file__).parent / "fixtures" / "original_precompute_goldens.npz"
 ELLIPSE_TOLERANCE = 1e-6

@@ -19,14 +19,16 @@ import pytest
 import torch
 
 import predict
-from common import preprocess
 from common.checkpoint import CheckpointError, save_checkpoint
-from common.export import export_onnx
-from common.inference import InputError, PupilPredictor, as_grayscale_frame, overlay
+from common.errors import InputError
+from common.images import as_grayscale_frame
+from common.infer.export import export_onnx
+from common.infer.inference import PupilPredictor, overlay
 from common.models import build_model
-from common.preprocess import Ellipse
+from common.prep import preprocess
+from common.prep.preprocess import Ellipse
+from tests.helpers import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 SEG_MODEL = "efficientvit"
 MODEL_SIZE = (96, 160)  # (H, W) the network is trained and exported at
 OTHER_SIZE = (240, 320)  # another aspect ratio: letterboxed to 96x128 + 16 px padding each side
@@ -40,13 +42,18 @@ def eye_frame(rng: np.random.Generator, height: int, width: int):
     a, b = rng.uniform(0.09, 0.15, 2) * size
     x, y = rng.uniform(0.35, 0.65) * width, rng.uniform(0.35, 0.65) * height
     truth = preprocess.ellipse_from_pixels((x, y), (a, b), rng.uniform(0, 180), height, width)
+    return draw_eye(rng, truth, height, width), truth
+
+
+def draw_eye(rng: np.random.Generator, truth: Ellipse, height: int, width: int) -> np.ndarray:
+    """The frame of ``eye_frame`` for a given pupil ellipse: uint8 (H, W)."""
     frame = rng.normal(175, 10, (height, width))
     iris_ellipse = Ellipse(truth.cx, truth.cy, truth.rx * 2, truth.ry * 2, truth.angle)
     iris = preprocess.draw_ellipse(iris_ellipse, height, width)
     frame[iris == 1] = rng.normal(105, 8, int(iris.sum()))
     pupil = preprocess.draw_ellipse(truth, height, width)
     frame[pupil == 1] = rng.normal(30, 6, int(pupil.sum()))
-    return np.clip(frame, 0, 255).astype(np.uint8), truth
+    return np.clip(frame, 0, 255).astype(np.uint8)
 
 
 def model_batch(rng, n: int):
@@ -130,7 +137,7 @@ def frames(tmp_path_factory):
 
 def run_predict(*args) -> subprocess.CompletedProcess:
     command = [sys.executable, "predict.py", *map(str, args)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -161,6 +168,7 @@ def pt_run(trained, frames, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_folder_of_images_end_to_end(pt_run, frames):
     _, truths = frames
     rows = read_csv(pt_run / "ellipses.csv")
@@ -175,6 +183,7 @@ def test_folder_of_images_end_to_end(pt_run, frames):
     assert not list(pt_run.rglob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_single_image_at_another_size(trained, frames, tmp_path):
     folder, truths = frames
     name = next(n for n, (_, size) in truths.items() if size == OTHER_SIZE)
@@ -186,6 +195,7 @@ def test_single_image_at_another_size(trained, frames, tmp_path):
     assert not (tmp_path / "overlays").exists()
 
 
+@pytest.mark.slow
 def test_onnx_model_gives_the_same_ellipses(trained, frames, pt_run, tmp_path):
     result = run_predict("--model", trained["onnx"], "--input", frames[0], "--output-dir", tmp_path,
                          "--no-overlay", "--expected-model", SEG_MODEL)
@@ -201,6 +211,7 @@ def test_onnx_model_gives_the_same_ellipses(trained, frames, pt_run, tmp_path):
         assert np.mean(a != b) <= 1e-3
 
 
+@pytest.mark.slow
 def test_video_every_second_frame(trained, tmp_path):
     rng = np.random.default_rng(7)
     path = tmp_path / "clip.avi"
@@ -222,6 +233,7 @@ def test_video_every_second_frame(trained, tmp_path):
         check_against_truth(row, out / "masks" / f"{name}.png", truths[int(row["frame"])], MODEL_SIZE)
 
 
+@pytest.mark.slow
 def test_video_with_roi_reports_full_frame_pixels(trained, tmp_path):
     rng = np.random.default_rng(8)
     x, y = 30, 20  # the ROI's corner; the eye fills the ROI, the rest of the frame is flat
@@ -248,6 +260,7 @@ def test_video_with_roi_reports_full_frame_pixels(trained, tmp_path):
     assert "lies outside the 220x140" in outside.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_image_exits_2_without_traceback(trained, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")
@@ -363,3 +376,18 @@ def test_predictor_refuses_wrong_model_and_missing_file(trained, tmp_path):
         PupilPredictor(trained["pt"], expected_model="ellipse")
     with pytest.raises(CheckpointError, match="model file not found"):
         PupilPredictor(tmp_path / "missing.pt")
+
+
+def test_model_ready_frames_are_not_enhanced_again(trained):
+    rng = np.random.default_rng(5)
+    raw = [eye_frame(rng, *MODEL_SIZE)[0] for _ in range(3)]
+    ready = np.stack([preprocess.enhance_frame(frame) for frame in raw])  # as a built dataset holds them
+    predictor = PupilPredictor(trained["pt"])
+    for direct, prepared in zip(predictor.predict_batch(raw), predictor.predict_prepared(ready)):
+        np.testing.assert_array_equal(prepared.mask, direct.mask)
+        assert prepared.ellipse == direct.ellipse
+    with torch.no_grad():
+        expected = trained["model"](torch.from_numpy(preprocess.normalize_frame(ready)[:, None])).numpy()
+    np.testing.assert_array_equal(predictor.outputs_prepared(ready), expected)
+    with pytest.raises(InputError, match=r"model-ready frames must be \(B, 96, 160\) uint8"):
+        predictor.outputs_prepared(ready[:, :, :128])

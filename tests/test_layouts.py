@@ -6,7 +6,6 @@ precompute would have stored for it.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,21 +17,21 @@ import pytest
 import torch
 from datasets import Dataset
 
-from common import preprocess
-from common.data import ALL_TARGETS, ArrowBatches, load_splits, open_loaders
 from common.errors import UserError
-from common.layout import detect_layout
+from common.prep import preprocess
 from common.schema import dataset_card, dataset_features, shard_name
-from common.tasks import EllipseTask, SegmentationTask
+from common.train.data import ALL_TARGETS, ArrowBatches, load_splits, open_loaders
+from common.train.layout import detect_layout
+from common.train.tasks import EllipseTask, SegmentationTask
+from tests.helpers import ROOT, run
 
-ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 64, 96
 ROWS = {"train": 8, "validation": 4}
 
 
 def raw_frames(split: str, count: int):
     """[(image (H, W) uint8 raw, label (H, W) uint8 OpenEDS classes)] with a visible pupil each."""
-    from common.synthetic import render_sample
+    from common.prep.synthetic import render_sample
 
     frames, seed = [], 0
     while len(frames) < count:
@@ -249,13 +248,13 @@ def test_open_loaders_takes_the_script_flags(tmp_path):
 
 
 def run_script(script: str, root: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / script), "--dataset", str(root), "--epochs", "1",
-               "--batch-size", "4", "--num-workers", "0", "--data-dir", str(tmp_path / "cache"),
-               "--output-dir", str(tmp_path / f"out-{script}"), *extra]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    command = [sys.executable, ROOT / script, "--dataset", root, "--epochs", "1", "--batch-size", "4",
+               "--num-workers", "0", "--data-dir", tmp_path / "cache",
+               "--output-dir", tmp_path / f"out-{script}", *extra]
+    return run(command)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_efficientvit_tiny_local.py", "train_ellipse_local.py"])
 def test_training_runs_on_the_original_layout(script, tmp_path):
     root = write_original(tmp_path / "original", four_class=True)
@@ -267,6 +266,7 @@ def test_training_runs_on_the_original_layout(script, tmp_path):
     assert "final validation mIoU" in result.stdout
 
 
+@pytest.mark.slow
 def test_wrong_size_in_a_script_is_one_error_line(tmp_path):
     root = write_original(tmp_path / "original")
     result = run_script("train_efficientvit_tiny_local.py", root, tmp_path, "--size", "64", "128")
@@ -288,8 +288,8 @@ def test_auto_worker_count_follows_the_work_at_load_time(changes, targets, worke
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from common.data import loader_workers
-    from common.layout import DatasetLayout
+    from common.train.data import loader_workers
+    from common.train.layout import DatasetLayout
 
     stored = DatasetLayout(image_size=(32, 48), flat_columns=(), preprocessed=True,
                            preprocessed_from="column", four_class=False, has_ellipse=True,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import losses
-from common import preprocess as pp
+from common.prep import preprocess as pp
+from common.train import losses
 
 LN3 = math.log(3.0)  # a logit gap of ln 3 gives softmax probabilities 0.75 / 0.25
 

@@ -2,12 +2,15 @@
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from common import preprocess as pp
-from common.metrics import EllipseMetrics, SegmentationMetrics
+from common.infer.inference import decode_output
+from common.prep import preprocess as pp
+from common.train.metrics import EllipseMetrics, FrameMetrics, SegmentationMetrics, frame_outcomes
+from common.train.tasks import EllipseTask, SegmentationTask
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
@@ -238,8 +241,8 @@ def test_ellipse_update_does_not_sync_and_merges(forbid_host_sync):
     mask = drawn(target)
     first, second = EllipseMetrics(H, W), EllipseMetrics(H, W)
     forbid_host_sync()
-    assert first.update(as_row(shifted), as_row(target), mask) is None
-    assert second.update(as_row(target), as_row(target), mask) is None
+    assert first.update(as_row(shifted), as_row(target), mask).shape == (1,)  # per-frame pupil IoU
+    assert second.update(as_row(target), as_row(target), mask).shape == (1,)
     first.merge(second)
     with pytest.raises(AssertionError, match="host sync"):
         first.compute()
@@ -261,3 +264,140 @@ def test_ellipse_merge_totals():
 def test_ellipse_metrics_reject_wrong_mask_size():
     with pytest.raises(ValueError, match="mask shape"):
         EllipseMetrics(H, W).update(torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1, H, W + 1))
+
+
+# ----------------------------------------------------------------------------- per-frame metrics
+FH, FW = 48, 64  # frame size of the per-frame tests
+CENTRE = (30, 24)  # (x, y) pixel centre of the drawn pupils
+
+
+def pupil_mask(shift=(0, 0), axes=(8, 6)) -> np.ndarray:
+    """(FH, FW) uint8 0/1: a filled ellipse drawn by cv2 at CENTRE + shift (whole pixels)."""
+    mask = np.zeros((FH, FW), np.uint8)
+    center = (CENTRE[0] + shift[0], CENTRE[1] + shift[1])
+    cv2.ellipse(mask, center, axes, 20.0, 0, 360, 1, thickness=-1)
+    return mask
+
+
+def stored_ellipse(mask: np.ndarray) -> list[float]:
+    """What precompute stores for a label: cx, cy, rx, ry of pupil_ellipse (zeros without a pupil)."""
+    return list(pp.pupil_ellipse(mask).as_tuple()[:4])
+
+
+def segmentation_pass(truths, preds, batches, device="cpu"):
+    """A SegmentationTask evaluation pass over frames given as masks, in ``batches`` of rows."""
+    task = SegmentationTask(1, (FH, FW), device)
+    task.reset_metrics(frames=len(truths))
+    for rows in batches:
+        label = torch.from_numpy(np.stack([truths[r] for r in rows])).long()
+        logits = as_logits(torch.from_numpy(np.stack([preds[r] for r in rows])).long())
+        ellipse = torch.tensor([stored_ellipse(truths[r]) for r in rows])
+        task.update_metrics(logits, {"label": label, "ellipse": ellipse}, torch.tensor(rows))
+    return task
+
+
+def hand_frames():
+    """(truths, preds): shifted 3 px (detected), 7 px (not), nothing predicted (a miss), and two
+    frames without a pupil, one predicted empty and one with a false pupil."""
+    empty = np.zeros((FH, FW), np.uint8)
+    truths = [pupil_mask(), pupil_mask(), pupil_mask(), empty, empty]
+    preds = [pupil_mask((3, 0)), pupil_mask((0, 7)), empty, empty, pupil_mask()]
+    return truths, preds
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return np.logical_and(a, b).sum() / union if union else 1.0
+
+
+def test_centre_error_and_detection_rate_of_shifted_pupils():
+    truths, preds = hand_frames()
+    task = segmentation_pass(truths, preds, [[3, 0, 4], [1, 2]])  # rows out of order
+    values = task.compute_metrics()
+    outcome = frame_outcomes(task.frames.frames)
+    # the fitted centre moves with the mask: errors are the shifts (to the float32 the dataset
+    # stores cx, cy in: a few ulp of 30 px, ~2e-6)
+    assert outcome["center_error"][:2].tolist() == pytest.approx([3.0, 7.0], abs=1e-5)
+    assert outcome["center_error"][2:].isnan().all()  # a miss and two frames without a pupil
+    assert outcome["detected"].tolist() == [True, False, False, False, False]
+    assert values["detection_rate_5px"] == pytest.approx(1 / 3)  # the miss counts in the denominator
+    assert values["center_error_px"] == pytest.approx(5.0, abs=1e-5)
+    assert values["center_error_median_px"] == pytest.approx(5.0, abs=1e-5)
+    assert (values["missed"], values["negatives"], values["false_pupils"]) == (1, 2, 1)
+    expected_iou = [iou(t, p) for t, p in zip(truths, preds)]
+    assert expected_iou[3:] == [1.0, 0.0]
+    assert task.frames.frames[:, 0].tolist() == pytest.approx(expected_iou, abs=1e-12)
+
+
+def test_predicted_centre_is_the_inference_decoder_fit():
+    truths, preds = hand_frames()
+    task = segmentation_pass(truths, preds, [[0, 1, 2, 3, 4]])
+    task.compute_metrics()
+    for row, pred in enumerate(preds):
+        _, ellipse = decode_output(as_logits(torch.from_numpy(pred).long()[None])[0].numpy(), "segmentation",
+                                   (FH, FW))
+        x, y, found = task.frames.frames[row, 4:].tolist()
+        if ellipse is None:
+            assert found == 0
+        else:
+            (ex, ey), _, _ = pp.ellipse_to_pixels(ellipse, FH, FW)
+            assert found == 1 and (x, y) == pytest.approx((ex, ey), abs=1e-9)
+
+
+def test_per_frame_iou_distribution_of_shifted_squares():
+    truth = np.zeros((FH, FW), np.uint8)
+    truth[10:20, 10:20] = 1  # 10 x 10
+    preds = [np.roll(truth, k, axis=1) for k in range(5)]  # IoU (10 - k) / (10 + k)
+    values = segmentation_pass([truth] * 5, preds, [[0, 1], [2, 3, 4]]).compute_metrics()
+    ious = sorted((10 - k) / (10 + k) for k in range(5))  # 6/14, 7/13, 8/12, 9/11, 1
+    assert values["pupil_iou_median"] == pytest.approx(8 / 12, abs=1e-12)
+    # 10th percentile, linear interpolation: position 0.1 * (5 - 1) = 0.4 between the two lowest
+    assert values["pupil_iou_p10"] == pytest.approx(ious[0] + 0.4 * (ious[1] - ious[0]), abs=1e-12)
+    assert values["pupil_iou_mean"] == pytest.approx(sum(ious) / 5, abs=1e-12)
+
+
+def test_per_frame_rows_combine_exactly_across_processes():
+    truths, preds = hand_frames()
+    single = segmentation_pass(truths, preds, [[0, 1], [2, 3], [4]])
+    ranks = [segmentation_pass(truths, preds, batches) for batches in ([[0, 1], [4]], [[2, 3]])]
+    for total, *parts in zip(single.metric_state(), *(rank.metric_state() for rank in ranks)):
+        assert torch.equal(sum(parts), total)  # what all_reduce(SUM) computes
+    for part in ranks[1:]:
+        for mine, theirs in zip(ranks[0].metric_state(), part.metric_state()):
+            mine += theirs
+    assert ranks[0].compute_metrics() == single.compute_metrics()
+
+
+def test_per_frame_update_does_not_sync(forbid_host_sync):
+    truths, preds = hand_frames()
+    label = torch.from_numpy(np.stack(truths)).long()
+    ellipse = torch.tensor([stored_ellipse(t) for t in truths])
+    logits = as_logits(torch.from_numpy(np.stack(preds)).long())
+    task = SegmentationTask(1, (FH, FW), "cpu")
+    task.reset_metrics(frames=5)
+    forbid_host_sync()
+    task.update_metrics(logits, {"label": label, "ellipse": ellipse}, torch.arange(5))
+
+
+def test_ellipse_regressor_centre_error_and_detection():
+    mask = torch.from_numpy(pupil_mask()).long()[None].repeat(3, 1, 1)  # (3, FH, FW)
+    target = torch.tensor([stored_ellipse(pupil_mask())] * 3)  # (3, 4)
+    pred = target.clone()
+    pred[0, 0] += 3 / FW  # 3 px right
+    pred[1, 1] += 7 / FH  # 7 px down
+    pred[2, 2:] = 0.0  # no radius: no pupil predicted
+    task = EllipseTask(1, (FH, FW), "cpu")
+    task.reset_metrics(frames=3)
+    task.update_metrics(pred, {"label": mask, "ellipse": target}, torch.arange(3))
+    values = task.compute_metrics()
+    assert frame_outcomes(task.frames.frames)["center_error"][:2].tolist() == pytest.approx([3, 7], abs=1e-4)
+    assert values["detection_rate_5px"] == pytest.approx(1 / 3) and values["missed"] == 1
+    assert values["center_error_px"] == pytest.approx(5.0, abs=1e-4)
+
+
+def test_frame_packing_round_trips_with_numpy_unpackbits():
+    frames = FrameMetrics(2, 3, 13, masks=True)  # a width that is not a multiple of 8
+    masks = torch.rand(2, 3, 13, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = frames.pack(masks).numpy()
+    assert packed.shape == (2, 3, 2)
+    np.testing.assert_array_equal(np.unpackbits(packed, axis=-1, count=13), masks.numpy())

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from common.tracking import Tracker
+from common.train.tracking import Tracker
+from tests.helpers import ROOT, SCRIPTS, TINY_DEMO, clean_env, train
 from tests.mlflow_server import MlflowServer, free_port
-from tests.test_training import ROOT, SCRIPTS, TINY_DEMO, clean_env, train
 
 SEGMENTATION_METRICS = {"train_loss", "valid_loss", "train_iou", "valid_iou", "ce_loss", "dice_loss",
                         "surface_loss", "lr", "alpha"}
@@ -35,6 +35,7 @@ def _only_run(client, experiment="visionassist"):
     return runs[0]
 
 
+@pytest.mark.slow
 def test_training_run_logs_params_metrics_tags_and_artifacts(server, demo_data, tmp_path):
     train("efficientvit", tmp_path, demo_data, "--epochs", "2", env=clean_env(MLFLOW_TRACKING_URI=server.uri))
     client = MlflowClient(server.uri)
@@ -59,6 +60,7 @@ def test_training_run_logs_params_metrics_tags_and_artifacts(server, demo_data, 
     assert Path(local).read_bytes() == (tmp_path / "best_efficientvit_model.onnx").read_bytes()
 
 
+@pytest.mark.slow
 def test_ellipse_run_has_its_own_tags_and_terms(server, demo_data, tmp_path):
     train("ellipse", tmp_path, demo_data, "--epochs", "1", env=clean_env(MLFLOW_TRACKING_URI=server.uri))
     run = _only_run(MlflowClient(server.uri))
@@ -71,6 +73,7 @@ def test_ellipse_run_has_its_own_tags_and_terms(server, demo_data, tmp_path):
     assert Path(local).read_bytes() == (tmp_path / "predictions_ellipse_model_epoch_1.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_training_survives_the_server_going_away(demo_data, tmp_path):
     (tmp_path / "doomed").mkdir()
     doomed = MlflowServer(tmp_path / "doomed").wait_ready()
@@ -125,6 +128,6 @@ def test_experiment_id_selects_the_experiment(server):
     tracker.start({"p": 1}, {"model_type": "TinyEfficientViT"})
     tracker.log_metrics({"valid_iou": 0.5}, step=1)
     tracker.finish()
-    run = client.get_run(tracker.run_id)
+    (run,) = client.search_runs([experiment_id])
     assert run.info.experiment_id == experiment_id and run.data.metrics["valid_iou"] == 0.5
     assert run.data.params["p"] == "1" and run.info.status == "FINISHED"

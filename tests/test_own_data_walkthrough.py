@@ -6,7 +6,6 @@ the video with the same ROI.
 """
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,19 @@ import numpy as np
 import pytest
 
 from common.checkpoint import load_checkpoint
-from common.synthetic import render_sample
+from common.prep.synthetic import render_sample
+from tests.helpers import ROOT, clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
 VIDEO_SIZE = (300, 520)  # H, W of the recording
 ROI = (20, 15, 480, 270)  # X, Y, W, H: the eye region, 16:9, not a multiple of 16
 N_FRAMES = 24
 
+pytestmark = pytest.mark.slow  # every test reads what the walkthrough's script runs left
+
 
 def run(script, *args):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ("DISPLAY",)}
+    env = clean_env()
+    env.pop("DISPLAY", None)
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
                             text=True, env=env, timeout=600)
     assert result.returncode == 0, f"{script}: {result.stdout[-3000:]}{result.stderr[-3000:]}"

@@ -1,4 +1,5 @@
-"""Prediction pictures: layout, colours where the true and predicted pupils are, ellipses, schedule."""
+"""Prediction pictures (drawn by common.infer.pictures from the model run by the engine): layout, colours
+where the true and predicted pupils are, ellipses, schedule, and the per-frame IoU convention."""
 
 import cv2
 import numpy as np
@@ -6,10 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from common import pictures
-from common.engine import Runtime
-from common.inference import ELLIPSE_COLOR_BGR
-from common.preprocess import half_diagonal
+from common.infer import pictures
+from common.infer.inference import ELLIPSE_COLOR_BGR, mask_iou
+from common.prep.preprocess import half_diagonal
+from common.train.engine import save_prediction_picture
+from common.train.metrics import frame_iou
+from common.train.runtime import Runtime
 
 CPU = Runtime(device=torch.device("cpu"), amp=False, compile=False, channels_last=False, pin_memory=False)
 GRAY = 100
@@ -82,7 +85,7 @@ def is_color(pixels, color):
 def test_segmentation_grid_has_the_layout_and_colours(tmp_path):
     frames = Frames(10, 96, 160, center=(40, 48), radius=15)
     model = BoxSegmenter(box=(30, 70, 100, 140)).train()
-    path = pictures.save_predictions(tmp_path / "predictions_epoch_5.png", model, frames, "segmentation", CPU)
+    path = save_prediction_picture(tmp_path / "predictions_epoch_5.png", model, frames, "segmentation", CPU)
     picture = cv2.imread(str(path))
     assert picture.shape == (2 * 96 + 2 + pictures.LEGEND_HEIGHT, 4 * 160 + 3 * 2, 3)
     assert frames.requested == [0, 1, 3, 4, 5, 6, 8, 9]  # spread over the split, fixed
@@ -94,7 +97,7 @@ def test_segmentation_grid_has_the_layout_and_colours(tmp_path):
         assert tuple(image[50, 120]) == GREEN_TINT           # inside the predicted box
         assert tuple(image[85, 80]) == (GRAY,) * 3           # neither
         assert not is_color(image[:, 90:], YELLOW).any()     # no truth drawn near the prediction
-    assert not is_color(legend_strip(picture), ELLIPSE_COLOR_BGR).any()
+    assert is_color(legend_strip(picture), ELLIPSE_COLOR_BGR).any()  # the fitted ellipse, as predict.py draws
     assert not list(tmp_path.glob(".tmp-*"))
 
 
@@ -103,7 +106,7 @@ def test_ellipse_grid_draws_the_predicted_ellipse(tmp_path):
     radius_unit = half_diagonal(height, width)
     frames = Frames(3, height, width, center=(30, 48), radius=12)
     model = FixedEllipse((0.5, 0.5, 30 / radius_unit, 15 / radius_unit))  # centre (80, 48), radii 30, 15 px
-    path = pictures.save_predictions(tmp_path / "p.png", model, frames, "ellipse", CPU)
+    path = save_prediction_picture(tmp_path / "p.png", model, frames, "ellipse", CPU)
     picture = cv2.imread(str(path))
     assert picture.shape == (height + pictures.LEGEND_HEIGHT, 3 * width + 2 * 2, 3)
     for index in range(3):
@@ -118,8 +121,8 @@ def test_ellipse_grid_draws_the_predicted_ellipse(tmp_path):
 
 def test_large_frames_are_shrunk_to_small_tiles(tmp_path):
     frames = Frames(8, 400, 640, center=(160, 200), radius=60)
-    path = pictures.save_predictions(tmp_path / "p.png", BoxSegmenter((100, 300, 400, 560)), frames,
-                                     "segmentation", CPU)
+    path = save_prediction_picture(tmp_path / "p.png", BoxSegmenter((100, 300, 400, 560)), frames,
+                                   "segmentation", CPU)
     picture = cv2.imread(str(path))
     assert picture.shape == (2 * 200 + 2 + pictures.LEGEND_HEIGHT, 4 * 320 + 3 * 2, 3)
     image = tile(picture, 7, 200, 320)
@@ -136,3 +139,15 @@ def test_pictures_every_five_epochs_and_at_the_end(epochs, due):
                                           (15, [0, 2, 4, 6, 8, 10, 12, 14])])
 def test_picture_rows_are_fixed_and_spread(length, rows):
     assert pictures.picture_rows(length) == rows
+
+
+@pytest.mark.parametrize("pred, truth, expected", [
+    (np.zeros((4, 4)), np.zeros((4, 4)), 1.0),  # no pupil predicted where there is none
+    (np.eye(4), np.zeros((4, 4)), 0.0),
+    (np.eye(4), np.eye(4), 1.0),
+    (np.triu(np.ones((4, 4))), np.eye(4), 0.4),  # 4 shared of 10
+])
+def test_one_iou_convention_for_pictures_and_training_metrics(pred, truth, expected):
+    assert mask_iou(pred.astype(np.uint8), truth.astype(np.uint8)) == pytest.approx(expected)
+    batched = frame_iou(torch.from_numpy(pred[None] > 0), torch.from_numpy(truth[None] > 0), torch.float64)
+    assert batched.tolist() == pytest.approx([expected])

@@ -16,12 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import precompute
-from common import hub, preprocess
+from common.prep import hub, preprocess
 from common.schema import dataset_features, split_of_shard, split_shard_pattern
-from tests.helpers import load_output
+from tests.helpers import ROOT, load_output
 from tests.hub_standin import RecordingHfApi
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args, env=None, cwd=None):
@@ -40,6 +38,7 @@ def synthetic40(tmp_path_factory):
     return raw, out, result
 
 
+@pytest.mark.slow
 def test_synthetic_end_to_end_schema_and_values(synthetic40):
     raw, out, result = synthetic40
     dataset = load_output(out)
@@ -68,6 +67,7 @@ def test_synthetic_end_to_end_schema_and_values(synthetic40):
     assert "throughput" in result.stdout
 
 
+@pytest.mark.slow
 def test_rerun_skips_complete_shards(synthetic40, tmp_path):
     raw, out, _ = synthetic40
     copy = tmp_path / "out"
@@ -80,6 +80,7 @@ def test_rerun_skips_complete_shards(synthetic40, tmp_path):
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (copy / "data").iterdir()}
 
 
+@pytest.mark.slow
 def test_adding_a_split_leaves_existing_shards_alone(synthetic40, tmp_path):
     raw, _, _ = synthetic40
     out = tmp_path / "out"
@@ -96,6 +97,7 @@ def test_adding_a_split_leaves_existing_shards_alone(synthetic40, tmp_path):
     assert set(load_output(out)) == {"train", "validation"}
 
 
+@pytest.mark.slow
 def test_validate_passes_then_fails_on_tampered_shard(synthetic40, tmp_path):
     raw, out, _ = synthetic40
     copy = tmp_path / "out"
@@ -120,6 +122,7 @@ def _wait_for(predicate, timeout=120.0):
     return False
 
 
+@pytest.mark.slow
 def test_resume_after_kill_minus_9(synthetic40, tmp_path):
     raw, _, _ = synthetic40
     out = tmp_path / "out"
@@ -165,6 +168,7 @@ def _good_pair(height=400, width=640):
     return image, label
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     image, label = _good_pair()
@@ -188,6 +192,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     assert "corrupt" in reasons["corrupt.png"]
 
 
+@pytest.mark.slow
 def test_all_skipped_stops_with_a_useful_error(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     for i in range(3):
@@ -209,6 +214,7 @@ def _no_credentials_env(tmp_path):
     return env
 
 
+@pytest.mark.slow
 def test_missing_kaggle_credentials_exit_2_before_work(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--no-push", "--raw-dir",
@@ -221,6 +227,7 @@ def test_missing_kaggle_credentials_exit_2_before_work(tmp_path):
     assert not out.exists() and not (tmp_path / "raw").exists()
 
 
+@pytest.mark.slow
 def test_missing_hf_token_exit_2_before_work(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--synthetic", "4", "--raw-dir",
@@ -231,6 +238,7 @@ def test_missing_hf_token_exit_2_before_work(tmp_path):
     assert not out.exists() and not (tmp_path / "raw").exists()
 
 
+@pytest.mark.slow
 def test_push_uploads_folder_with_retry(synthetic40, tmp_path, monkeypatch, capsys):
     raw, out, _ = synthetic40
     copy = tmp_path / "out"
@@ -238,7 +246,7 @@ def test_push_uploads_folder_with_retry(synthetic40, tmp_path, monkeypatch, caps
     api = RecordingHfApi()
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
-    monkeypatch.setattr("common.io.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("common.files.time.sleep", lambda seconds: None)
     args = precompute.get_args_parser().parse_args(
         ["--synthetic", "40", "--raw-dir", str(raw), "--output-dir", str(copy), "--hf-repo", "team/eyes",
          "--shard-size", "8"])
@@ -282,6 +290,7 @@ def _push(raw, out, api, shard_size, repo="team/eyes"):
     return {f for f in api.remote_files(repo) if f.startswith("data/")}
 
 
+@pytest.mark.slow
 def test_push_with_fewer_shards_removes_the_stale_ones(synthetic40, tmp_path, monkeypatch):
     raw, out, _ = synthetic40
     copy = tmp_path / "out"
@@ -315,6 +324,7 @@ def _tamper_cx(shard):
     pq.write_table(table.set_column(table.schema.get_field_index("cx"), "cx", [cx.astype(np.float32)]), shard)
 
 
+@pytest.mark.slow
 def test_validate_with_explicit_hf_repo_checks_the_hub_copy(synthetic40, tmp_path, monkeypatch, capsys):
     raw, out, _ = synthetic40
     api = RecordingHfApi(tmp_path / "hub")
@@ -338,11 +348,12 @@ def test_validate_with_explicit_hf_repo_checks_the_hub_copy(synthetic40, tmp_pat
     assert len(api.calls) == 1
 
 
+@pytest.mark.slow
 def test_validate_of_a_missing_hub_repo_is_one_clean_error(synthetic40, tmp_path, monkeypatch, capsys):
     raw, _, _ = synthetic40
     api = RecordingHfApi(tmp_path / "hub")
     monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
-    monkeypatch.setattr("common.io.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("common.files.time.sleep", lambda seconds: None)
     args = precompute.get_args_parser().parse_args(
         ["--validate", "--skip-download", "--raw-dir", str(raw), "--output-dir", str(tmp_path / "none"),
          "--hf-repo", "team/missing"])
@@ -370,7 +381,7 @@ def test_kaggle_download_finds_nested_splits(tmp_path, monkeypatch):
     sys.modules["kaggle"].api = FakeApi()
     monkeypatch.setenv("KAGGLE_USERNAME", "user")
     monkeypatch.setenv("KAGGLE_KEY", "key")
-    monkeypatch.setattr("common.io.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("common.files.time.sleep", lambda seconds: None)
     out = tmp_path / "out"
     args = precompute.get_args_parser().parse_args(
         ["--no-push", "--raw-dir", str(tmp_path / "raw"), "--output-dir", str(out)])

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 import precompute
-from common import hub
-from common.preprocess import Ellipse, Letterbox, ellipse_to_pixels, fit_ellipse, unletterbox_ellipse
+from common.prep import hub
+from common.prep.preprocess import Ellipse, Letterbox, ellipse_to_pixels, fit_ellipse, unletterbox_ellipse
+from common.prep.synthetic import render_sample
 from common.schema import dataset_features
-from common.synthetic import render_sample
-from tests.helpers import load_output
+from tests.helpers import ROOT, load_output
 from tests.hub_standin import RecordingHfApi
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCE_SIZE = (270, 480)  # a 16:9 webcam crop: letterboxed into 240x320 as 180x320 + 30 px bands
 OUT_SIZE = (240, 320)
 PUPIL_RGB = (250, 50, 83)
@@ -95,6 +94,7 @@ def imported(tmp_path_factory):
     return raw, out, result, {stem: label for stem, _, label in frames}, negatives
 
 
+@pytest.mark.slow
 def test_import_writes_the_openeds_schema_at_the_requested_size(imported):
     raw, out, result, _, negatives = imported
     dataset = load_output(out)
@@ -112,6 +112,7 @@ def test_import_writes_the_openeds_schema_at_the_requested_size(imported):
     assert "24 images (folder layout)" in result.stdout
 
 
+@pytest.mark.slow
 def test_letterbox_padding_is_recorded_and_maps_ellipses_back(imported):
     raw, out, _, labels, _ = imported
     manifest = json.loads((out / "manifest.json").read_text())
@@ -135,6 +136,7 @@ def copy_import(imported, tmp_path):
     return tmp_path / "raw", tmp_path / "out"
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_redoes_only_a_relabelled_shard(imported, tmp_path):
     raw, out = copy_import(imported, tmp_path)
     args = ("--raw-dir", raw, "--output-dir", out, "--size", *OUT_SIZE, "--min-val-pos", 2, "--shard-size", 8)
@@ -149,6 +151,7 @@ def test_rerun_resumes_and_redoes_only_a_relabelled_shard(imported, tmp_path):
     assert validated.returncode == 0, validated.stdout + validated.stderr
 
 
+@pytest.mark.slow
 def test_validate_detects_an_image_changed_after_import(imported, tmp_path):
     raw, out = copy_import(imported, tmp_path)
     negatives = imported[4]
@@ -161,6 +164,7 @@ def test_validate_detects_an_image_changed_after_import(imported, tmp_path):
     assert f"{stem}.png" in result.stdout
 
 
+@pytest.mark.slow
 def test_keep_empty_keeps_images_without_mask_as_negatives(tmp_path):
     frames = eye_frames(14, seed=1)
     raw = write_folder(tmp_path / "raw", frames, negatives={"frame_000", "frame_007"}, mask_style="01")
@@ -176,6 +180,7 @@ def test_keep_empty_keeps_images_without_mask_as_negatives(tmp_path):
     assert {"frame_000", "frame_007"} & set(split_stems(raw, "train.txt"))
 
 
+@pytest.mark.slow
 def test_cvat_export_with_labelmap_and_existing_split_files(tmp_path):
     frames = eye_frames(10, seed=2)
     raw = write_cvat(tmp_path / "cvat", frames)
@@ -192,6 +197,7 @@ def test_cvat_export_with_labelmap_and_existing_split_files(tmp_path):
     assert "warning: 1 image(s) are in neither" in result.stderr  # frame_009
 
 
+@pytest.mark.slow
 def test_class_index_masks_at_native_size(tmp_path):
     frames = eye_frames(12, size=(160, 224), seed=3)
     raw = write_folder(tmp_path / "raw", frames, mask_style="classes")
@@ -226,6 +232,7 @@ def test_push_of_a_folder_dataset_uses_the_hub_upload(tmp_path, monkeypatch, cap
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_mask_of_another_size_is_an_error(tmp_path):
     raw = write_folder(tmp_path / "raw", eye_frames(12, seed=5))
     cv2.imwrite(str(raw / "masks" / "frame_004.png"), np.zeros((100, 100), np.uint8))
@@ -233,6 +240,7 @@ def test_mask_of_another_size_is_an_error(tmp_path):
     assert_clean_error(result, "frame_004.png", "mask size 100x100 differs from image")
 
 
+@pytest.mark.slow
 def test_rgb_mask_colour_missing_from_labelmap_is_an_error(tmp_path):
     raw = write_cvat(tmp_path / "cvat", eye_frames(6, seed=6))
     mask = cv2.imread(str(raw / "SegmentationClass" / "frame_002.png"))
@@ -242,6 +250,7 @@ def test_rgb_mask_colour_missing_from_labelmap_is_an_error(tmp_path):
     assert_clean_error(result, "frame_002.png", "(3,2,1)", "not in labelmap.txt")
 
 
+@pytest.mark.slow
 def test_split_file_stem_missing_on_disk_is_an_error(tmp_path):
     raw = write_folder(tmp_path / "raw", eye_frames(4, seed=7))
     (raw / "splits").mkdir()
@@ -252,6 +261,7 @@ def test_split_file_stem_missing_on_disk_is_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_split_without_positives_is_an_error(tmp_path):
     frames = eye_frames(6, seed=8)
     raw = write_folder(tmp_path / "raw", frames, negatives={"frame_004", "frame_005"})
@@ -262,6 +272,7 @@ def test_split_without_positives_is_an_error(tmp_path):
     assert_clean_error(result, "No positive samples in validation split")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--size", "native"], "native size 270x480 is not a multiple of 16"),
     (["--size", "240"], "--size takes H W"),
@@ -275,6 +286,7 @@ def test_bad_options_are_clear_errors(tmp_path, args, message):
     assert_clean_error(result, message)
 
 
+@pytest.mark.slow
 def test_native_size_needs_one_frame_size(tmp_path):
     frames = eye_frames(8, size=(160, 224), seed=10) + [
         (f"wide_{stem}", image, label) for stem, image, label in eye_frames(4, size=(160, 256), seed=11)]
@@ -283,6 +295,7 @@ def test_native_size_needs_one_frame_size(tmp_path):
     assert_clean_error(result, "--size native needs every image at 160x224")
 
 
+@pytest.mark.slow
 def test_native_size_is_refused_for_openeds(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--synthetic", "4", "--no-push",
                              "--raw-dir", str(tmp_path), "--size", "native"], capture_output=True, text=True,

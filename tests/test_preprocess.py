@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from common import preprocess as pp
+from common.prep import preprocess as pp
 from tests.helpers import in_order_of
 
 

@@ -5,10 +5,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
+from datasets.arrow_writer import get_writer_batch_size_from_data_size
 
-from common import preprocess
+from common.prep import preprocess
+from common.prep.shards import ShardBuffer, rows_per_group, write_parquet
 from common.schema import dataset_features
-from common.shards import ShardBuffer, write_parquet
 
 HEIGHT, WIDTH = 48, 80
 
@@ -50,3 +51,8 @@ def test_shard_matches_what_datasets_writes(tmp_path, count):
         np.testing.assert_array_equal(first["dist_map"], rows[0]["dist_map"])
         np.testing.assert_array_equal(first["image"], rows[0]["image"])
 
+
+
+@pytest.mark.parametrize("rows, nbytes", [(1, 0), (0, 10), (30, 30 * 1_843_200), (5000, 9_216_000_000), (7, 10**9)])
+def test_row_groups_are_sized_as_datasets_sizes_them(rows, nbytes):
+    assert rows_per_group(rows, nbytes) == get_writer_batch_size_from_data_size(rows, nbytes)

@@ -1,12 +1,20 @@
 """Checks of the synthetic IR eye-frame generator: layout, determinism, label geometry, realism."""
 
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 
-from common import synthetic
-from common.preprocess import draw_ellipse, ellipse_from_pixels
+from common.prep import synthetic
+from common.prep.preprocess import draw_ellipse, ellipse_from_pixels
 
+ROOT = Path(__file__).resolve().parents[1]
 H, W = 160, 256  # small frames keep the tests fast; same 0.625 aspect as OpenEDS
 BATCH = 40
 # With seed 0, samples 0, 25 and 34 are blinks. Blinks are drawn in sample_geometry before any
@@ -135,6 +143,25 @@ def test_sample_depends_only_on_seed_and_index(tmp_path):
     np.testing.assert_array_equal(cv2.imread(str(small), cv2.IMREAD_UNCHANGED), image)
 
 
+# sha256 of (image bytes, label bytes) of samples [0, 0]..[0, 5], per frame size, computed with the
+# generator as it was before the randomized mode existed (numpy 2.4.6, opencv-python-headless
+# 5.0.0.93): datasets built with the default generator must not change.
+DEFAULT_GENERATOR_SHA256 = {
+    (96, 160): "b7e647955a19c8e3bbcb2e3689731c75116a292c54493554d06ee21a4ec91903",
+    (400, 640): "ba6ecfa5e834d371b0f294ae8991cad26bf1e57196b86286dedb73ad9d62663a",
+}
+
+
+@pytest.mark.parametrize("size", sorted(DEFAULT_GENERATOR_SHA256))
+def test_default_generator_output_is_pinned(size):
+    digest = hashlib.sha256()
+    for i in range(6):
+        image, label, _ = synthetic.render_sample(np.random.default_rng([0, i]), *size)
+        digest.update(image.tobytes())
+        digest.update(label.tobytes())
+    assert digest.hexdigest() == DEFAULT_GENERATOR_SHA256[size]
+
+
 # ----------------------------------------------------------------------------- labels
 def test_labels_are_the_visible_parts_of_the_ellipses(batch):
     for image, label, info in batch:
@@ -257,3 +284,215 @@ def test_iris_has_radial_streaks():
 def test_too_small_frame_is_rejected():
     with pytest.raises(ValueError, match="too small"):
         synthetic.render_sample(np.random.default_rng(0), 8, 8)
+
+
+# ----------------------------------------------------------------------------- randomized mode
+RH, RW = 160, 256
+RANDOM_BATCH = 40  # per family
+
+
+def _randomized(family, count=RANDOM_BATCH, seed=0, height=RH, width=RW):
+    return [synthetic.render_randomized_sample(synthetic.sample_rng(seed, i, family), height, width, family)
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def randomized_batch():
+    return _randomized("train") + _randomized("heldout")
+
+
+@pytest.fixture(scope="module")
+def scene_draws():
+    """2000 scene parameter draws per family."""
+    return {family: [synthetic.draw_scene_params(np.random.default_rng([11, i]), family) for i in range(2000)]
+            for family in synthetic.FAMILIES}
+
+
+def test_bands_hand_computed():
+    bands = synthetic.Bands((0.0, 1.0, 2.0, 3.0))
+    assert bands.intervals("train") == ((0.0, 1.0), (2.0, 3.0))
+    assert bands.intervals("heldout") == ((1.0, 2.0),)
+    rng = np.random.default_rng(0)
+    held = np.array([bands.sample(rng, "heldout") for _ in range(200)])
+    assert ((held >= 1.0) & (held < 2.0)).all()
+    log_bands = synthetic.Bands((1.0, 10.0, 100.0), log=True)
+    train = np.array([log_bands.sample(rng, "train") for _ in range(2000)])
+    assert ((train >= 1.0) & (train < 10.0)).all()
+    assert 0.45 < np.mean(train < math.sqrt(10.0)) < 0.55  # log-uniform: half below the geometric middle
+    for edges, log in (((1.0, 2.0), False), ((1.0, 3.0, 2.0), False), ((0.0, 1.0, 2.0), True)):
+        with pytest.raises(ValueError, match="increasing"):
+            synthetic.Bands(edges, log)
+    with pytest.raises(ValueError, match="unknown family"):
+        bands.intervals("test")
+
+
+def test_families_draw_disjoint_values_of_every_split_parameter(scene_draws):
+    """Every split parameter of 2000 draws per family falls in that family's bands (even band
+    indices for train, odd for heldout), and each family visits all of its bands."""
+    config, draws = synthetic.RandomizedConfig(), scene_draws
+    assert set(config.SPLIT) == {"view", "pupil_contrast", "light_direction", "light_strength", "noise",
+                                 "glint_size", "blur"}
+    for name in config.SPLIT:
+        edges = np.asarray(getattr(config, name).edges)
+        values = {family: np.array([getattr(p, name) for p in draws[family]]) for family in draws}
+        for parity, family in enumerate(synthetic.FAMILIES):
+            assert ((values[family] >= edges[0]) & (values[family] < edges[-1])).all(), name
+            band = np.searchsorted(edges, values[family], side="right") - 1
+            assert (band % 2 == parity).all(), (name, family)
+            assert set(band) == set(range(parity, len(edges) - 1, 2)), (name, family)
+        assert not np.isin(values["train"], values["heldout"]).any()
+
+
+def test_shared_parameters_cover_the_cameras_and_eyes(scene_draws):
+    params = scene_draws["train"] + scene_draws["heldout"]
+    view = np.array([p.view for p in params])
+    assert view.min() < 0.35 and view.max() > 2.2  # from the eye with its surroundings to the iris alone
+    assert 0.11 < np.mean([p.bright_pupil for p in params]) < 0.19  # 0.15
+    assert 0.06 < np.mean([p.blink for p in params]) < 0.10  # 0.08
+    assert {p.lid_state for p in params} == set(synthetic.LID_STATES)
+    assert {p.glint_count for p in params} == set(range(7))
+    squash = np.cos(np.radians([p.off_axis_deg for p in params]))
+    assert squash.min() < 0.6 and squash.max() > 0.99  # strongly elliptical to round
+    dark = [p.levels for p in params if not p.bright_pupil]
+    assert all(lv.iris - lv.pupil == pytest.approx(p.pupil_contrast) for p, lv in
+               zip([p for p in params if not p.bright_pupil], dark))
+    assert all(p.levels.pupil - p.levels.iris == pytest.approx(p.pupil_contrast)
+               for p in params if p.bright_pupil)
+
+
+def test_randomized_same_seed_same_frame_and_families_differ(tmp_path):
+    first = synthetic.render_randomized_sample(synthetic.sample_rng(3, 5, "heldout"), 64, 96, "heldout")
+    again = synthetic.render_randomized_sample(synthetic.sample_rng(3, 5, "heldout"), 64, 96, "heldout")
+    other = synthetic.render_randomized_sample(synthetic.sample_rng(3, 5, "train"), 64, 96, "train")
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2]["params"] == again[2]["params"] and first[2]["params"] != other[2]["params"]
+    assert not np.array_equal(first[0], other[0])
+    for name in ("a", "b"):
+        synthetic.generate_raw_dataset(tmp_path / name, 4, seed=3, height=64, width=96, family="train")
+    synthetic.generate_raw_dataset(tmp_path / "default", 4, seed=3, height=64, width=96)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _files(tmp_path / "a").keys() == _files(tmp_path / "default").keys()
+    assert _files(tmp_path / "a") != _files(tmp_path / "default")
+    with pytest.raises(ValueError, match="unknown family"):
+        synthetic.generate_raw_dataset(tmp_path / "c", 4, family="validation")
+    assert not (tmp_path / "c").exists()
+
+
+def test_randomized_labels_are_the_visible_parts_of_the_ellipses(randomized_batch):
+    for image, label, info in randomized_batch:
+        assert set(np.unique(label)) <= {0, 1, 2, 3}
+        assert info["visible_pupil"] == bool((label == 3).any())
+        if info["blink"]:  # closed lids: no sclera, iris or pupil at all, and no glints
+            assert info["pupil"] is None and info["glints"] == 0 and not label.any()
+            continue
+        opening = label > 0
+        pupil, iris = _raster(info["pupil"], RH, RW), _raster(info["iris"], RH, RW)
+        np.testing.assert_array_equal(label == 3, pupil & opening)
+        np.testing.assert_array_equal(label == 2, iris & opening & ~pupil)
+
+
+def test_randomized_labelled_pupil_is_the_dark_or_bright_disc_drawn(randomized_batch):
+    """Inside the labelled pupil (3 px in from its edge) the image is darker than the iris ring
+    3-6 px outside it, or brighter for a bright pupil; saturated glints left out."""
+    kernel = np.ones((3, 3), np.uint8)
+    checked = {True: 0, False: 0}
+    for image, label, info in randomized_batch:
+        pupil = (label == 3).astype(np.uint8)
+        inner = (cv2.erode(pupil, kernel, iterations=3) > 0) & (image < 250)
+        ring = cv2.dilate(pupil, kernel, iterations=6) > cv2.dilate(pupil, kernel, iterations=3)
+        ring &= (label == 2) & (image < 250)
+        if inner.sum() < 15 or ring.sum() < 15:
+            continue
+        params = info["params"]
+        difference = float(np.median(image[inner])) - float(np.median(image[ring]))
+        assert difference * (1 if params.bright_pupil else -1) > 0, (params.pupil_contrast, difference)
+        checked[params.bright_pupil] += 1
+    assert checked[False] >= 30 and checked[True] >= 3
+
+
+def test_randomized_frames_without_a_visible_pupil():
+    """Blinks (about 8%) have an all-background label; lids covering the whole pupil (about 5%)
+    leave a slit of sclera and iris but no pupil. Both reach precompute as empty pupil masks."""
+    blinks, covered = 0, 0
+    for i in range(1000):
+        rng = synthetic.sample_rng(1, i, "train")
+        params = synthetic.draw_scene_params(rng, "train")
+        geometry = synthetic.randomized_geometry(rng, params, 100, 160)
+        label = synthetic.render_label(geometry, 100, 160)
+        if params.blink:
+            assert not label.any()
+            blinks += 1
+        elif not (label == 3).any():
+            covered += 1
+    assert 50 <= blinks <= 110 and 25 <= covered <= 80
+
+
+def test_randomized_glints_vary_and_can_sit_on_the_pupil(randomized_batch):
+    counts = [info["glints"] for _, _, info in randomized_batch if not info["blink"]]
+    assert 0 in counts and max(counts) >= 5
+    on_pupil = [((image >= 250) & (label == 3)).any() for image, label, _ in randomized_batch]
+    assert sum(on_pupil) >= 3
+
+
+def test_demo_randomized_flag_builds_its_own_cache(tmp_path):
+    from common.cli import training_parser
+    from common.train.data import resolve_source
+
+    parser = training_parser("test")
+    assert parser.parse_args(["--demo-randomized"]).demo_randomized == "train"
+    assert not parser.parse_args([]).demo and parser.parse_args([]).demo_randomized is None
+    args = parser.parse_args(["--demo-randomized", "heldout", "--demo-samples", "10",
+                              "--demo-size", "32", "48", "--data-dir", str(tmp_path)])
+    assert args.demo  # the flag implies --demo
+    source = resolve_source(args)
+    assert source == tmp_path / "demo-randomized-heldout-10-0-32x48" / "precomputed"
+    manifest = json.loads((source / "manifest.json").read_text())
+    assert manifest["source"] == "synthetic randomized-heldout-demo"
+    path = source.parent / "raw" / "train" / "images" / "synthetic_000000.png"
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    expected, _, _ = synthetic.render_randomized_sample(synthetic.sample_rng(0, 0, "heldout"), 32, 48,
+                                                        "heldout")
+    np.testing.assert_array_equal(image, expected)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--demo-randomized", "validation"])
+
+
+def _run_precompute(*args):
+    return subprocess.run([sys.executable, str(ROOT / "precompute.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_precompute_randomized_end_to_end(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    # seed 0: heldout samples 0, 2 and 14 of 16 at 64x96 have no visible pupil
+    result = _run_precompute("--synthetic", 16, "--randomized", "heldout", "--size", 64, 96, "--no-push",
+                             "--raw-dir", raw, "--output-dir", out, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((raw / "synthetic.json").read_text()) == {
+        "n": 16, "seed": 0, "splits": ["train", "validation"], "size": [64, 96], "randomized": "heldout"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == "synthetic randomized-heldout"
+    empty = set()
+    for split in ("train", "validation"):
+        for path in (raw / split / "labels").glob("*.npy"):
+            if not (np.load(path) == 3).any():
+                empty.add(f"{path.stem}.png")
+    assert len(empty) == 3
+    assert {s["file"] for s in manifest["skipped"]} == empty
+    assert all(s["reason"] == "empty pupil mask" for s in manifest["skipped"])
+    assert sum(v["rows"] for v in manifest["splits"].values()) == 16 - 3
+    image = cv2.imread(str(raw / "train" / "images" / "synthetic_000005.png"), cv2.IMREAD_UNCHANGED)
+    expected, _, _ = synthetic.render_randomized_sample(synthetic.sample_rng(0, 5, "heldout"), 64, 96,
+                                                        "heldout")
+    np.testing.assert_array_equal(image, expected)
+
+
+def test_precompute_randomized_needs_synthetic(capsys):
+    import precompute
+
+    with pytest.raises(SystemExit) as failed:
+        precompute.main(precompute.get_args_parser().parse_args(["--randomized", "--no-push"]))
+    assert failed.value.code == 1  # precompute's flag-combination errors are plain UserErrors
+    assert "error: --randomized" in capsys.readouterr().err

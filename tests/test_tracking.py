@@ -1,4 +1,4 @@
-"""common/tracking.py against a real MLflow server: what it logs, and that no failure ever raises."""
+"""common/train/tracking.py against a real MLflow server: what it logs, and that no failure ever raises."""
 
 import socket
 import threading
@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from common.tracking import Tracker, flatten_params, sanitize_key
-from tests.mlflow_server import free_port, mlflow_server_fixture, start_mlflow_server  # noqa: F401
+from common.train.tracking import Tracker, flatten_params, sanitize_key
+from tests.mlflow_server import free_port, start_mlflow_server
 
 UNSET_WARNING = "warning: MLFLOW_TRACKING_URI is not set; training without MLflow tracking\n"
 FAILED = "MLflow tracking failed"
+
+
+def run_id(tracker: Tracker) -> str | None:
+    """The id the server gave the tracker's run (None while it has none)."""
+    return tracker._run_id
 
 
 def tracker_for(uri: str, experiment: str = "tracking-tests", run_name: str | None = None, **env) -> Tracker:
@@ -42,34 +47,32 @@ def test_run_round_trips_params_metrics_tags_and_artifact(mlflow_server, tmp_pat
     tracker.start(params={"lr": 0.003, "epochs": 3, "data_dir": tmp_path, "size": [400, 640],
                           "model": {"name": "shallownet"}, "bad key!": "kept"},
                   tags={"model_type": "TinyEfficientViT", "architecture": "Conv-BN-ReLU"})
-    assert tracker.enabled and tracker.run_id
+    assert tracker.enabled and run_id(tracker)
     for step, (loss, iou) in enumerate([(0.75, 0.25), (0.5, 0.5), (0.25, 0.875)], start=1):
         # numpy scalars are what metrics code often hands over; a string is not a metric
         tracker.log_metrics({"train_loss": loss, "valid_iou": np.float32(iou), "phase": "x"}, step=step)
-    tracker.set_tags({"best_epoch": 3, "status_note": "done"})
     tracker.log_artifact(checkpoint, artifact_path="checkpoints")
     tracker.log_artifact(tmp_path / "missing.pt")  # skipped, not an error
     tracker.finish()
     assert not tracker.enabled
 
     client = MlflowClient(mlflow_server.uri)
-    run = client.get_run(tracker.run_id)
+    run = client.get_run(run_id(tracker))
     assert run.info.status == "FINISHED" and run.info.run_name == "round-trip"
     assert client.get_experiment(run.info.experiment_id).name == "tracking-tests"
     assert run.data.params == {"lr": "0.003", "epochs": "3", "data_dir": str(tmp_path),
                                "size": "[400, 640]", "model.name": "shallownet", "bad key_": "kept"}
     assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")} == {
-        "model_type": "TinyEfficientViT", "architecture": "Conv-BN-ReLU", "best_epoch": "3",
-        "status_note": "done"}
+        "model_type": "TinyEfficientViT", "architecture": "Conv-BN-ReLU"}
     assert set(run.data.metrics) == {"train_loss", "valid_iou"}
-    history = client.get_metric_history(tracker.run_id, "valid_iou")
+    history = client.get_metric_history(run_id(tracker), "valid_iou")
     assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5), (3, 0.875)]
-    history = client.get_metric_history(tracker.run_id, "train_loss")
+    history = client.get_metric_history(run_id(tracker), "train_loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.75), (2, 0.5), (3, 0.25)]
-    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["checkpoints"]
-    assert [(a.path, a.file_size) for a in client.list_artifacts(tracker.run_id, "checkpoints")] == [
+    assert [a.path for a in client.list_artifacts(run_id(tracker))] == ["checkpoints"]
+    assert [(a.path, a.file_size) for a in client.list_artifacts(run_id(tracker), "checkpoints")] == [
         ("checkpoints/best.pt", 10240)]
-    local = client.download_artifacts(tracker.run_id, "checkpoints/best.pt", str(tmp_path))
+    local = client.download_artifacts(run_id(tracker), "checkpoints/best.pt", str(tmp_path))
     assert Path(local).read_bytes() == checkpoint.read_bytes()
     assert FAILED not in capsys.readouterr().err
 
@@ -79,7 +82,7 @@ def test_more_params_and_metrics_than_one_batch_allows(mlflow_server):
     tracker.start(params={f"p{i:03d}": i for i in range(250)}, tags={})
     tracker.log_metrics({f"m{i:04d}": float(i) for i in range(1200)}, step=7)
     tracker.finish()
-    run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
+    run = MlflowClient(mlflow_server.uri).get_run(run_id(tracker))
     assert run.data.params == {f"p{i:03d}": str(i) for i in range(250)}
     assert run.data.metrics == {f"m{i:04d}": float(i) for i in range(1200)}
 
@@ -90,10 +93,9 @@ def test_unset_uri_warns_once_and_every_method_is_a_no_op(tmp_path, capsys):
     with Tracker.from_env("x", environ={"MLFLOW_EXPERIMENT_ID": "0"}) as tracker:
         tracker.start({"a": 1}, {"t": "v"})
         tracker.log_metrics({"m": 1.0}, step=1)
-        tracker.set_tags({"t": "w"})
         tracker.log_artifact(artifact)
     tracker.finish("FAILED")
-    assert not tracker.enabled and tracker.run_id is None and tracker.client is None
+    assert not tracker.enabled and run_id(tracker) is None and tracker.client is None
     captured = capsys.readouterr()
     assert captured.err == UNSET_WARNING and captured.out == ""
 
@@ -104,7 +106,7 @@ def test_experiment_id_selects_the_experiment(mlflow_server):
     tracker = tracker_for(mlflow_server.uri, experiment="ignored-name", MLFLOW_EXPERIMENT_ID=experiment_id)
     tracker.start({"p": 1}, {})
     tracker.finish()
-    assert client.get_run(tracker.run_id).info.experiment_id == experiment_id
+    assert client.get_run(run_id(tracker)).info.experiment_id == experiment_id
     assert client.get_experiment_by_name("ignored-name") is None
 
 
@@ -115,7 +117,7 @@ def test_experiment_is_created_by_name_once_and_reused(mlflow_server):
         tracker.finish()
     client = MlflowClient(mlflow_server.uri)
     experiment_id = client.get_experiment_by_name("by-name").experiment_id
-    assert [client.get_run(t.run_id).info.experiment_id for t in (first, second)] == [experiment_id] * 2
+    assert [client.get_run(run_id(t)).info.experiment_id for t in (first, second)] == [experiment_id] * 2
 
 
 @pytest.mark.parametrize("error, status", [(ValueError, "FAILED"), (KeyboardInterrupt, "KILLED")])
@@ -123,7 +125,7 @@ def test_context_manager_records_how_training_ended(mlflow_server, error, status
     with pytest.raises(error), tracker_for(mlflow_server.uri) as tracker:
         tracker.start({}, {})
         raise error()
-    assert MlflowClient(mlflow_server.uri).get_run(tracker.run_id).info.status == status
+    assert MlflowClient(mlflow_server.uri).get_run(run_id(tracker)).info.status == status
 
 
 def test_unreachable_server_at_start_warns_and_training_calls_do_not_raise(tmp_path, capsys):
@@ -137,7 +139,7 @@ def test_unreachable_server_at_start_warns_and_training_calls_do_not_raise(tmp_p
         tracker.log_artifact(artifact)
     tracker.finish()
     elapsed = time.monotonic() - began
-    assert not tracker.enabled and tracker.run_id is None
+    assert not tracker.enabled and run_id(tracker) is None
     err = capsys.readouterr().err
     assert err.count(FAILED) == 1 and err.startswith("warning: MLflow tracking failed (start run: ")
     assert err.rstrip().endswith("training continues without it")
@@ -159,7 +161,6 @@ def test_server_stopping_mid_run_costs_one_warning_and_no_exception(tmp_path, ca
     for step in (2, 3, 4):
         tracker.log_metrics({"m": 0.5}, step=step)
         tracker.log_artifact(artifact, artifact_path="checkpoints")
-        tracker.set_tags({"epoch": step})
     tracker.finish("FINISHED")
     elapsed = time.monotonic() - began
     err = capsys.readouterr().err
@@ -230,7 +231,6 @@ def test_metrics_logged_while_the_server_is_away_arrive_when_it_returns(mlflow_s
     tracker.log_metrics({"valid_iou": 0.25}, step=1)
     gate.shut()
     tracker.log_metrics({"valid_iou": 0.5}, step=2)
-    tracker.set_tags({"best_epoch": 2})
     tracker.log_metrics({"valid_iou": 0.75}, step=3)
     assert capsys.readouterr().err.count(FAILED) == 1
     gate.open()
@@ -239,10 +239,10 @@ def test_metrics_logged_while_the_server_is_away_arrive_when_it_returns(mlflow_s
     assert "MLflow tracking works again" in capsys.readouterr().err
     gate.shut()
     client = MlflowClient(mlflow_server.uri)
-    history = client.get_metric_history(tracker.run_id, "valid_iou")
+    history = client.get_metric_history(run_id(tracker), "valid_iou")
     assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5), (3, 0.75), (4, 0.875)]
-    run = client.get_run(tracker.run_id)
-    assert run.data.tags["best_epoch"] == "2" and run.info.status == "FINISHED"
+    run = client.get_run(run_id(tracker))
+    assert run.info.status == "FINISHED"
 
 
 def test_user_http_settings_win_and_ours_do_not_leak(mlflow_server, monkeypatch):

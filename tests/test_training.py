@@ -14,36 +14,15 @@ import pytest
 import torch
 from datasets import Array2D, Dataset, Features, Value
 
-from common import data as data_module
-from common import preprocess
 from common.checkpoint import load_checkpoint
-from common.engine import resolve_device
+from common.cli import training_parser
+from common.device import resolve_device
 from common.errors import ConfigurationError
-from common.specs import TrainSpec
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {
-    "efficientvit": "train_efficientvit_local.py",
-    "tiny": "train_efficientvit_tiny_local.py",
-    "ellipse": "train_ellipse_local.py",
-}
-TINY_DEMO = ["--demo", "--demo-samples", "40", "--demo-size", "96", "160", "--batch-size", "4",
-             "--num-workers", "0"]
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(extra)
-    return env
-
-
-def train(script, out_dir, data_dir, *args, env=None, check=True):
-    command = [sys.executable, str(ROOT / SCRIPTS[script]), *TINY_DEMO, "--data-dir", str(data_dir),
-               "--output-dir", str(out_dir), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env or clean_env(), timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+from common.prep import preprocess
+from common.specs import EFFICIENTVIT_TINY, TrainSpec
+from common.train import data as data_module
+from common.train.engine import fit
+from tests.helpers import ROOT, SCRIPTS, TINY_DEMO, clean_env, epoch_rows, run, train
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +31,7 @@ def demo_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("demo-data")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_one_epoch_writes_every_run_file(script, demo_dir, tmp_path):
     result = train(script, tmp_path, demo_dir, "--epochs", "1")
@@ -70,6 +50,7 @@ def test_one_epoch_writes_every_run_file(script, demo_dir, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_checkpoint_names_and_no_collision(demo_dir, tmp_path):
     shared = tmp_path / "shared"
     train("efficientvit", shared, demo_dir, "--epochs", "1")
@@ -80,13 +61,14 @@ def test_checkpoint_names_and_no_collision(demo_dir, tmp_path):
     names = set(after)
     assert {"best_efficientvit_model.pt", "best_efficientvit_tiny_model.pt",
             "efficientvit_tiny_model_epoch_1.pt"} <= names
-    assert any(n.startswith("efficientvit_model_epoch_1_miou_") for n in names)
-    miou_name = next(n for n in names if n.startswith("efficientvit_model_epoch_1_miou_"))
     assert {"args_efficientvit_model.json", "args_efficientvit_tiny_model.json",
             "metrics_efficientvit_model.json", "metrics_efficientvit_tiny_model.json",
             "training_curves_efficientvit_model.png", "training_curves_efficientvit_tiny_model.png"} <= names
+    # the epoch checkpoint is named after that epoch's validation mIoU, to 4 decimals
+    valid_iou = json.loads((shared / "metrics_efficientvit_model.json").read_text())[0]["valid_iou"]
+    assert [n for n in names if n.startswith("efficientvit_model_epoch_1_miou_")] == [
+        f"efficientvit_model_epoch_1_miou_{valid_iou:.4f}.pt"]
     history = json.loads((shared / "metrics_efficientvit_tiny_model.json").read_text())
-    assert float(miou_name.split("_miou_")[1][:-3]) >= 0.0
     assert history[0]["epoch"] == 1
     train("ellipse", tmp_path / "ellipse", demo_dir, "--epochs", "1")
     assert {"best_ellipse_model.pt", "ellipse_model_epoch_1.pt"} <= {
@@ -101,10 +83,7 @@ def test_ellipse_epoch_checkpoint_schedule():
     assert spec.epoch_name(20, 0.5) == "ellipse_model_epoch_20.pt"
 
 
-def _history_without_timing(path):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in json.loads(path.read_text())]
-
-
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(demo_dir, tmp_path):
     args = ["--epochs", "3", "--lr", "0.003"]
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -128,9 +107,38 @@ def test_resume_after_kill_matches_uninterrupted_run(demo_dir, tmp_path):
     result = train("tiny", killed, demo_dir, *args, "--resume", last)
     assert "resumed from" in result.stdout
     metrics = "metrics_efficientvit_tiny_model.json"
-    assert _history_without_timing(killed / metrics) == _history_without_timing(full / metrics)
+    assert epoch_rows(killed / metrics) == epoch_rows(full / metrics)
 
 
+@pytest.mark.slow
+def test_ema_resume_matches_uninterrupted_run_and_validation_scores_the_average(demo_dir, tmp_path):
+    """--ema in one process: resuming from epoch 1's checkpoint replays epoch 2 exactly (history,
+    average and trained weights), and the validation figures are those of the checkpoint's model,
+    the average, as --test-only scores it."""
+    def run_fit(out: Path, *extra):
+        argv = [*TINY_DEMO, "--data-dir", str(demo_dir), "--output-dir", str(out), "--epochs", "2",
+                "--ema", "0.9", "--no-export", *extra]
+        return fit(training_parser("test").parse_args([str(a) for a in argv]), EFFICIENTVIT_TINY)
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_fit(full)
+    assert not (full / EFFICIENTVIT_TINY.onnx_name).exists()  # --no-export
+    run_fit(resumed, "--resume", full / "efficientvit_tiny_model_epoch_1.pt")
+    metrics = f"{EFFICIENTVIT_TINY.metrics_name}.json"
+    assert epoch_rows(resumed / metrics) == epoch_rows(full / metrics)
+    ends = [load_checkpoint(folder / EFFICIENTVIT_TINY.last_name) for folder in (full, resumed)]
+    assert ends[0]["ema"]["updates"] == ends[1]["ema"]["updates"] == 2 * 7  # 30 frames: 7 full batches of 4 an epoch
+    for part in ("model", "online"):
+        first, second = (end["model"] if part == "model" else end["ema"]["online"] for end in ends)
+        assert all(torch.equal(first[key], second[key]) for key in first), part
+    assert any(not torch.equal(value, ends[0]["ema"]["online"][key]) for key, value in ends[0]["model"].items()
+               if value.is_floating_point())
+    scored = run_fit(tmp_path / "test-only", "--resume", full / EFFICIENTVIT_TINY.last_name, "--test-only")
+    last = json.loads((full / metrics).read_text())[-1]
+    assert scored["valid_iou"] == last["valid_iou"] and scored["valid_pupil_iou"] == last["valid_pupil_iou"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cuda", "cuda:7", "mps", "tpu"])
 def test_unavailable_device_exits_2(device, demo_dir, tmp_path):
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -150,7 +158,7 @@ def test_resolve_device_auto_and_cpu():
 
 def _legacy_dataset(root: Path, count: int = 12, height: int = 96, width: int = 160) -> Path:
     """An older-style dataset: raw frames and 4-class labels, no `preprocessed` flag."""
-    from common.synthetic import render_sample
+    from common.prep.synthetic import render_sample
 
     features = Features({"image": Array2D((height, width), "uint8"), "label": Array2D((height, width), "uint8"),
                          "cx": Value("float32"), "cy": Value("float32"), "rx": Value("float32"),
@@ -168,6 +176,7 @@ def _legacy_dataset(root: Path, count: int = 12, height: int = 96, width: int = 
     return root
 
 
+@pytest.mark.slow
 def test_legacy_dataset_gets_gamma_and_clahe_at_load_time(tmp_path):
     root = _legacy_dataset(tmp_path / "legacy")
     dataset = data_module.load_splits(root, tmp_path / "cache")
@@ -184,10 +193,8 @@ def test_legacy_dataset_gets_gamma_and_clahe_at_load_time(tmp_path):
         np.testing.assert_allclose(batch["dist_map"][i].numpy(),
                                    preprocess.distance_maps(preprocess.binarize_pupil(raw_labels[i])), rtol=0, atol=1e-6)
     assert batch["image"].dtype == torch.uint8 and batch["ellipse"].shape == (2, 4)
-    result = subprocess.run([sys.executable, str(ROOT / SCRIPTS["tiny"]), "--dataset", str(root), "--epochs", "1",
-                             "--batch-size", "4", "--num-workers", "0", "--data-dir", str(tmp_path / "cache"),
-                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True,
-                            env=clean_env(), timeout=600)
+    result = run([sys.executable, ROOT / SCRIPTS["tiny"], "--dataset", root, "--epochs", "1", "--batch-size", "4",
+                  "--num-workers", "0", "--data-dir", tmp_path / "cache", "--output-dir", tmp_path / "out"])
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -215,21 +222,21 @@ def _seed_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
     shutil.copytree(folder, repo_dir / "snapshots" / commit, ignore=shutil.ignore_patterns(".shards"))
 
 
+@pytest.mark.slow
 def test_hub_dataset_is_read_from_cache_offline(demo_dir, tmp_path):
     source = data_module.ensure_demo_dataset(demo_dir, 40, 0, (96, 160))
     data_dir = tmp_path / "openeds"
     _seed_hub_cache(data_dir / "hub", "team/eyes", source)
     command = [sys.executable, str(ROOT / SCRIPTS["tiny"]), "--hf-repo", "team/eyes", "--epochs", "1",
                "--batch-size", "4", "--num-workers", "0", "--data-dir", str(data_dir)]
-    for run in range(2):
-        result = subprocess.run([*command, "--output-dir", str(tmp_path / f"out{run}")], capture_output=True,
-                                text=True, env=clean_env(HF_HUB_OFFLINE="1"), timeout=600)
+    for attempt in range(2):
+        result = run([*command, "--output-dir", tmp_path / f"out{attempt}"], clean_env(HF_HUB_OFFLINE="1"))
         assert result.returncode == 0, result.stderr[-3000:]
         assert "datasets--team--eyes/snapshots" in result.stdout
     caches = list((data_dir / "datasets").iterdir())
     assert len(caches) == 1  # the second run reused the Arrow cache of the first
-    missing = subprocess.run([*command[:3], "team/other", *command[4:], "--output-dir", str(tmp_path / "o")],
-                             capture_output=True, text=True, env=clean_env(HF_HUB_OFFLINE="1"), timeout=600)
+    missing = run([*command[:3], "team/other", *command[4:], "--output-dir", tmp_path / "o"],
+                  clean_env(HF_HUB_OFFLINE="1"))
     assert missing.returncode != 0
     assert "not in the cache" in missing.stderr and "Traceback" not in missing.stderr
 

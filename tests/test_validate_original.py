@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from datasets import Array2D, Array3D, Dataset, Features, Value
 
+from tests.helpers import ROOT
 from tests.test_goldens import CASES
 
-ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation")
 
 
@@ -93,6 +93,7 @@ def report_line(stdout: str, column: str) -> str:
     return next(line for line in stdout.splitlines() if line.split()[:1] == [column])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(96, 160), (400, 640)], ids=["96x160", "400x640"])
 def test_a_dataset_written_by_the_original_validates(tmp_path, size):
     raw, dataset, split_of = write_original_dataset(tmp_path, size)
@@ -106,6 +107,7 @@ def test_a_dataset_written_by_the_original_validates(tmp_path, size):
     assert "not stored" in report_line(result.stdout, "angle")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(96, 160), (400, 640)], ids=["96x160", "400x640"])
 def test_one_changed_image_pixel_fails_validation(tmp_path, size):
     tampered = next(iter(cases_of_size(size)))

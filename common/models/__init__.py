@@ -11,12 +11,16 @@ import copy
 
 from torch import nn
 
+from common.specs import DEFAULT_SIZE
+
 from .efficientvit import TinyEfficientViTSeg
 from .ellipse import EllipseRegressionNet
 from .layers import ConvBN, fuse_model
+from .original import OriginalEfficientViTSeg, OriginalShallowNet
 from .shallownet import ShallowNet
 
-MODEL_NAMES = ("efficientvit", "efficientvit_micro", "shallownet", "ellipse")
+MODEL_NAMES = ("efficientvit", "efficientvit_micro", "shallownet", "ellipse", "efficientvit_original",
+               "efficientvit_original_micro", "shallownet_original")
 
 # name -> (class, default kwargs that differ from the class defaults, task)
 _REGISTRY = {
@@ -29,10 +33,22 @@ _REGISTRY = {
     ),
     "shallownet": (ShallowNet, {}, "segmentation"),
     "ellipse": (EllipseRegressionNet, {}, "ellipse"),
+    # The original project's networks (common/models/original.py), so its state dicts load: the
+    # released best_efficientvit_model.pt config, its Micro config and its ShallowNet.
+    "efficientvit_original": (
+        OriginalEfficientViTSeg, {"embed_dims": [16, 32, 64], "num_heads": [1, 1, 2], "decoder_dim": 32},
+        "segmentation",
+    ),
+    "efficientvit_original_micro": (
+        OriginalEfficientViTSeg, {"embed_dims": [8, 12, 18], "num_heads": [1, 1, 1], "decoder_dim": 8},
+        "segmentation",
+    ),
+    "shallownet_original": (OriginalShallowNet, {}, "segmentation"),
 }
 
 __all__ = [
-    "MODEL_NAMES", "ConvBN", "EllipseRegressionNet", "ShallowNet", "TinyEfficientViTSeg",
+    "MODEL_NAMES", "ConvBN", "EllipseRegressionNet", "OriginalEfficientViTSeg", "OriginalShallowNet", "ShallowNet",
+    "TinyEfficientViTSeg",
     "build_model", "build_model_from_config", "count_parameters", "fuse_model", "model_config", "model_task",
     "unwrap",
 ]
@@ -82,7 +98,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def model_config(model: nn.Module, input_size=(400, 640)) -> dict:
+def model_config(model: nn.Module, input_size=DEFAULT_SIZE) -> dict:
     """``{"name", "kwargs", "input_size"}`` describing ``model`` (wrappers are looked through).
 
     Raises:

@@ -32,8 +32,6 @@ from torch import nn
 
 from .layers import FFN, ConvBN, Residual, check_multiple_of, depthwise_residual, static_hw
 
-INPUT_MULTIPLE = 16  # total stride of the encoder
-
 
 def relative_offset_index(window_size: int) -> tuple[int, torch.Tensor]:
     """Bias-table index for every (query, key) pair of a window, as in EfficientViT-MSRA.
@@ -254,7 +252,7 @@ class TinyEfficientViTSeg(nn.Module):
         self.decoder = FPNDecoder(stem_dim, tuple(embed_dim), decoder_dim, num_classes, stem_skip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_multiple_of(x, INPUT_MULTIPLE)
+        check_multiple_of(x)
         stem = self.stem_half(x)  # (B, stem_dim, H/2, W/2)
         feature = self.stem_quarter(stem)  # (B, d1, H/4, W/4)
         stages = []

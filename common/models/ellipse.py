@@ -1,7 +1,7 @@
 """EllipseRegressionNet: direct regression of the pupil ellipse (cx, cy, rx, ry).
 
 A strided ConvBN-ReLU encoder, global average pooling and a linear head through a sigmoid, so every
-output lies in (0, 1) like the normalized ellipse of ``common.preprocess`` (cx = x / W, cy = y / H,
+output lies in (0, 1) like the normalized ellipse of ``common.prep.preprocess`` (cx = x / W, cy = y / H,
 rx and ry = semi-axes / R with R half the frame's diagonal). Its ellipse is drawn axis-aligned.
 """
 

@@ -2,7 +2,8 @@
 
 Every convolution that is followed by batch norm is a ``ConvBN``. Training uses the two layers;
 export calls ``fuse_model`` which replaces each ``ConvBN`` (and any plain ``Conv2d -> BatchNorm2d``
-pair inside an ``nn.Sequential``) by a single ``nn.Conv2d``, so the ONNX graph has no
+pair inside an ``nn.Sequential``) by a single ``nn.Conv2d``, and a batch norm with no conv before it
+(the original project's pre-norms) by a per-channel scale and shift, so the ONNX graph has no
 BatchNormalization node.
 """
 
@@ -12,6 +13,8 @@ import copy
 
 import torch
 from torch import nn
+
+from common.specs import SIZE_MULTIPLE
 
 
 class ConvBN(nn.Module):
@@ -54,24 +57,51 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused.to(conv.weight.device)
 
 
+class ChannelAffine(nn.Module):
+    """An eval-mode batch norm as a per-channel scale and shift: (B, C, ...) -> (B, C, ...).
+
+    What ``fuse_model`` puts in place of a batch norm that no convolution precedes (a pre-norm),
+    so the exported graph has a Mul and an Add instead of a BatchNormalization node.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
+            self.register_buffer("scale", scale.view(-1, 1, 1).clone())  # (C, 1, 1)
+            self.register_buffer("shift", (bn.bias - bn.running_mean * scale).view(-1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
 def _fuse_children(module: nn.Module) -> None:
-    """Replace, in place and recursively, ConvBN units and Conv2d->BatchNorm2d pairs by one conv."""
+    """Replace, in place and recursively, ConvBN units and Conv2d->BatchNorm2d pairs by one conv,
+    and any other BatchNorm2d by a ``ChannelAffine``."""
     children = list(module.named_children())
+    folded = set()  # names of batch norms already folded into the conv before them
     for index, (name, child) in enumerate(children):
+        if name in folded:
+            continue
         if isinstance(child, ConvBN):
             setattr(module, name, child.fuse())
             continue
-        following = children[index + 1][1] if index + 1 < len(children) else None
+        following = children[index + 1] if index + 1 < len(children) else (None, None)
         if (isinstance(module, nn.Sequential) and isinstance(child, nn.Conv2d)
-                and isinstance(following, nn.BatchNorm2d)):
-            setattr(module, name, fuse_conv_bn(child, following))
-            setattr(module, children[index + 1][0], nn.Identity())
+                and isinstance(following[1], nn.BatchNorm2d)):
+            setattr(module, name, fuse_conv_bn(child, following[1]))
+            setattr(module, following[0], nn.Identity())
+            folded.add(following[0])
+            continue
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, ChannelAffine(child))
             continue
         _fuse_children(child)
 
 
 def fuse_model(model: nn.Module) -> nn.Module:
-    """Deep copy of ``model`` in eval mode with every batch norm folded into its convolution.
+    """Deep copy of ``model`` in eval mode with every batch norm folded into its convolution (or,
+    with none before it, turned into a per-channel scale and shift).
 
     Attributes such as ``model_name`` / ``model_kwargs`` / ``task`` survive the copy.
     """
@@ -103,8 +133,9 @@ def depthwise_residual(dim: int, kernel_size: int = 3) -> Residual:
     return Residual(ConvBN(dim, dim, kernel_size, groups=dim, bn_weight_init=0.0))
 
 
-def check_multiple_of(x: torch.Tensor, factor: int) -> None:
-    """Raise ValueError unless the spatial size of ``x`` (B, C, H, W) is a multiple of ``factor``.
+def check_multiple_of(x: torch.Tensor, factor: int = SIZE_MULTIPLE) -> None:
+    """Raise ValueError unless the spatial size of ``x`` (B, C, H, W) is a multiple of ``factor``
+    (by default the models' total stride, 16).
 
     Skipped while tracing for the TorchScript exporter; under dynamo export and torch.compile the
     spatial sizes are static Python ints, so the check costs nothing in the graph.

@@ -14,8 +14,6 @@ from torch import nn
 
 from .layers import ConvBN, check_multiple_of
 
-INPUT_MULTIPLE = 16  # four 2x2 poolings
-
 
 class SeparableConv(nn.Sequential):
     """Depthwise 3x3 conv -> pointwise ConvBN -> LeakyReLU: (B, in_ch, H, W) -> (B, out_ch, H, W)."""
@@ -90,7 +88,7 @@ class ShallowNet(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_multiple_of(x, INPUT_MULTIPLE)
+        check_multiple_of(x)
         skips = []
         for block in self.down:
             x = block(x)

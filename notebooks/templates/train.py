@@ -8,45 +8,31 @@
 # notebook). Pick a GPU runtime (Runtime → Change runtime type → T4 GPU) and run all cells.
 
 # %%
-# Environment check
+# Environment. Nothing here imports torch or numpy: the install cell below may still add packages.
 import sys
 
 IN_COLAB = "google.colab" in sys.modules
-try:
-    import torch
-
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        print(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB")
-    else:
-        print("No GPU found: training will use the CPU (fine for a short run, slow for a real one).")
-except ImportError:
-    print("torch is not installed yet; the next cell installs the requirements.")
-print(f"running in Colab: {IN_COLAB}")
+print(f"Python {sys.version.split()[0]} | running in Colab: {IN_COLAB}")
 
 # %%
-# Install the project's pinned requirements. Colab's CUDA build of torch (and its torchvision,
-# pillow and scikit-learn) is kept: the pins below leave torch out on purpose.
-import importlib.util
-import subprocess
-from pathlib import Path
+# Install what this runtime lacks, with version floors; every package it already has stays as it is
+# (Colab's CUDA torch too). If the install had to replace a package this kernel has imported, the cell
+# says so and restarts the kernel: then run all cells again. This is common/notebook_install.py, here
+# because it runs before the cells that write common/.
+{{INSTALLER}}
 
-REQUIREMENTS = """
-{{REQUIREMENTS}}
-"""
-MODULES = ["torch", "cv2", "datasets", "PIL", "tqdm", "matplotlib", "onnx", "onnxruntime", "scipy",
-           "huggingface_hub", "mlflow"]
-missing = [name for name in MODULES if importlib.util.find_spec(name) is None]
-if IN_COLAB or missing:
-    Path("requirements-notebook.txt").write_text(REQUIREMENTS)
-    extra = ["torchvision", "pillow", "scikit-learn"] if IN_COLAB else []
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements-notebook.txt", *extra],
-                   check=True)
-else:
-    print("requirements already importable; nothing to install")
-import torch  # noqa: E402
+installed = ensure_requirements(NOTEBOOK_REQUIREMENTS)
+
+# %%
+# PyTorch and the GPU
+import torch
 
 print(f"torch {torch.__version__}")
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    print(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB")
+else:
+    print("No GPU found: training will use the CPU (fine for a short run, slow for a real one).")
 
 # %% parameters
 DATASET = "{{DATASET}}"  # a Hub dataset repo, or a local precompute.py output folder
@@ -83,7 +69,7 @@ model = check_model(SPEC, limit={{LIMIT}}, input_size=(400, 640))
 
 # %%
 # Train: the engine's fit(), the same loop as every script (checkpoints, ONNX, curves).
-from common.engine import fit
+from common.train.engine import fit
 
 summary = fit(args, SPEC)
 
@@ -112,11 +98,19 @@ from common.notebook import export_and_verify
 pt_path, onnx_path = export_and_verify(args, SPEC, max_onnx_kb={{MAX_ONNX_KB}})
 
 # %%
+# INT8: the same model with 8-bit weights and activations for CPU and edge runtimes, calibrated on
+# training frames and kept only if it scores within 0.01 mean pupil IoU of fp32 on the validation split.
+from common.notebook import export_int8
+
+int8_path = export_int8(args, SPEC)
+
+# %%
 # Download the model files (in Colab); elsewhere, print where they are.
+model_files = [path for path in (pt_path, onnx_path, int8_path) if path is not None]
 if IN_COLAB:
     from google.colab import files
 
-    files.download(str(pt_path))
-    files.download(str(onnx_path))
+    for path in model_files:
+        files.download(str(path))
 else:
-    print(f"model files:\n  {pt_path}\n  {onnx_path}")
+    print("model files:\n" + "\n".join(f"  {path}" for path in model_files))

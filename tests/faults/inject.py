@@ -49,7 +49,7 @@ def install_enospc(spec: str) -> None:
 
 
 def install_hub(root: str, slow: float) -> None:
-    from common import hub
+    from common.prep import hub
     from tests import hub_standin
 
     api = hub_standin.RecordingHfApi(root, failures_left=0)

@@ -10,17 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.faults.runs import (
-    BEST,
-    LAST,
-    METRICS,
-    ROOT,
-    demo_dataset,
-    epochs_done,
-    run,
-    the_error_line,
-    train_tiny,
-)
+from tests.faults.runs import BEST, LAST, METRICS, demo_dataset, epochs_done, the_error_line, train_tiny
+from tests.helpers import ROOT, run
 
 
 def _copy(demo_data, tmp_path):

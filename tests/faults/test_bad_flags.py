@@ -8,13 +8,15 @@ import threading
 import pytest
 import torch
 
-from common import engine
 from common import progress as progress_module
-from common.augment import flip_batch
 from common.cli import training_parser
-from common.losses import ellipse_loss
-from common.metrics import EllipseMetrics
-from tests.faults.runs import ROOT, TINY_SCRIPT, clean_env, run, the_error_line
+from common.train import engine
+from common.train.augment import flip_batch
+from common.train.losses import ellipse_loss
+from common.train.metrics import EllipseMetrics
+from common.train.runtime import Runtime
+from tests.faults.runs import TINY_SCRIPT, the_error_line
+from tests.helpers import ROOT, clean_env, run
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -89,7 +91,7 @@ def test_progress_without_a_terminal_is_plain_lines(monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     monkeypatch.setattr(progress_module, "PLAIN_SECONDS", 0.0)
-    runtime = engine.Runtime(torch.device("cpu"), False, False, False, False)
+    runtime = Runtime(torch.device("cpu"), False, False, False, False)
     assert list(engine.progress(range(3), "epoch 1 train", runtime)) == [0, 1, 2]
     assert "\r" not in err.getvalue()
     assert err.getvalue().splitlines()[0].startswith("epoch 1 train: 1/3 batches")

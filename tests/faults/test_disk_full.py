@@ -9,10 +9,11 @@ import pytest
 
 from common.checkpoint import load_checkpoint
 from common.errors import DiskFullError
-from common.export import export_onnx
-from common.io import atomic_path, atomic_write_text
+from common.files import atomic_path, atomic_write_text
+from common.infer.export import export_onnx
 from common.models import build_model
-from tests.faults.runs import INJECT, LAST, run, the_error_line, train_tiny
+from tests.faults.runs import INJECT, LAST, the_error_line, train_tiny
+from tests.helpers import run
 
 
 def test_full_disk_keeps_the_previous_file_and_no_temporary(tmp_path):

@@ -12,7 +12,8 @@ from PIL import Image
 
 from common.checkpoint import save_checkpoint
 from common.models import build_model
-from tests.faults.runs import ROOT, run, the_error_line
+from tests.faults.runs import the_error_line
+from tests.helpers import ROOT, run
 
 H, W = 64, 96
 

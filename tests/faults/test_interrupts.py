@@ -13,16 +13,13 @@ from tests.faults.runs import (
     INJECT,
     LAST,
     METRICS,
-    ROOT,
     TINY_DEMO,
     TINY_SCRIPT,
-    clean_env,
     epochs_done,
-    history,
-    run,
     the_error_line,
     wait_for,
 )
+from tests.helpers import ROOT, clean_env, epoch_rows, run
 
 
 @pytest.mark.slow
@@ -54,7 +51,7 @@ def test_signal_during_training_keeps_the_last_epoch(sig, code, demo_data, refer
     resumed = run([*command, "--resume", out / LAST])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"after epoch {done}" in resumed.stdout
-    assert history(out / METRICS) == history(reference_run / METRICS)
+    assert epoch_rows(out / METRICS) == epoch_rows(reference_run / METRICS)
 
 
 @pytest.mark.slow
