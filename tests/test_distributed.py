@@ -56,6 +56,31 @@ def test_two_processes_report_exactly_the_single_process_metrics(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batch_size", ["8", "2"])
+def test_two_process_training_logs_what_its_checkpoint_scores(trained, tmp_path, batch_size):
+    """Batches of 8: one validation batch for two ranks, so rank 1 holds none of the split. Batches
+    of 2: both ranks validate, each with the BatchNorm statistics rank 0 saved, not its own. Either
+    way the run finishes with one set of run files, and what it logged for its last epoch is exactly
+    what a single process scores on the checkpoint it saved."""
+    env, out, data = clean_env(OMP_NUM_THREADS="1"), tmp_path / "run", trained / "data"
+    run(2, "--epochs", "2", "--batch-size", batch_size, "--output-dir", str(out), data_dir=data, env=env)
+    stem = "efficientvit_tiny_model"
+    names = {path.name for path in out.iterdir()}
+    epochs = {name for name in names if name.startswith(f"{stem}_epoch_")}  # one per improving epoch
+    assert f"{stem}_epoch_1.pt" in epochs <= {f"{stem}_epoch_1.pt", f"{stem}_epoch_2.pt"}
+    assert names - epochs == {
+        f"args_{stem}.json", f"best_{stem}.onnx", f"best_{stem}.pt", f"last_{stem}.pt", f"metrics_{stem}.csv",
+        f"metrics_{stem}.json", f"predictions_{stem}_epoch_2.png", f"training_curves_{stem}.png"}
+    logged = json.loads((out / f"metrics_{stem}.json").read_text())[-1]
+    scored = printed_metrics(run(1, "--test-only", "--batch-size", batch_size, "--resume", str(out / f"last_{stem}.pt"),
+                                 "--output-dir", str(tmp_path / "eval"), data_dir=data, env=env))
+    # metrics only: the loss's Dice/surface balance depends on the epoch, and --test-only scores as the next one
+    scored = {k: v for k, v in scored.items() if "loss" not in k}
+    assert len(scored) >= 7
+    assert json.dumps({k: logged[k] for k in scored}, sort_keys=True) == json.dumps(scored, sort_keys=True)
+
+
+@pytest.mark.slow
 def test_two_process_run_writes_and_logs_once_and_resumes(trained, mlflow_server, tmp_path):
     env = clean_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
     straight, resumed, data = tmp_path / "straight", tmp_path / "resumed", trained / "data"
@@ -89,6 +114,14 @@ def test_training_batches_are_equal_per_rank_and_validation_batches_are_the_sing
         sampler.set_epoch(3)
     assert len(list(train[0])) == len(list(train[1])) == len(train[0])
     assert not set(sum(list(train[0]), [])) & set(sum(list(train[1]), []))
+
+
+def test_a_rank_with_no_validation_rows_has_no_batches():
+    """7 validation rows in batches of 8 over 2 ranks: rank 0 takes the one batch, rank 1 none."""
+    ranks = [EpochBatchSampler(7, 8, shuffle=False, rank=r, world_size=2) for r in range(2)]
+    assert [list(sampler) for sampler in ranks] == [[list(range(7))], []]
+    assert [len(sampler) for sampler in ranks] == [1, 0]
+    assert [len(sampler.split(sampler.order())) for sampler in ranks] == [1, 0]
 
 
 def test_single_process_needs_no_process_group(monkeypatch):

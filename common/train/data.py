@@ -303,8 +303,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return rows[torch.randperm(len(rows), generator=generator)]
 
     def split(self, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``order`` (N,) cut into batches; drop_last drops a short last batch unless it is the only one."""
-        batches = order.split(self.batch_size)
+        """``order`` (N,) cut into batches; drop_last drops a short last batch unless it is the only one.
+
+        An empty ``order`` (a rank that holds none of a split smaller than one batch per rank) is no
+        batch, where ``Tensor.split`` would give one empty batch."""
+        batches = order.split(self.batch_size) if len(order) else ()
         if self.drop_last and len(batches) > 1 and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
         return batches

@@ -63,6 +63,19 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers_(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) in place; a no-op in one process.
+
+    On the CPU each rank's BatchNorm keeps its own statistics (no SyncBatchNorm), and DDP broadcasts
+    rank 0's buffers only before each training forward, so after an epoch the ranks' statistics
+    differ by their last batch. Validation then scores on every rank the model rank 0 saves.
+    """
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+    return module
+
+
 @contextlib.contextmanager
 def main_process_first():
     """Rank 0 runs the block first (building, downloading or caching a dataset), then the others,

@@ -40,7 +40,7 @@ from common.progress import progress as shown
 from common.specs import TrainSpec
 from common.train.augment import AugmentConfig, augment_batch, augment_config
 from common.train.data import batch_rows, open_loaders, source_fingerprint, to_device
-from common.train.distributed import all_reduce_, main_process_first, shutdown
+from common.train.distributed import all_reduce_, broadcast_buffers_, main_process_first, shutdown
 from common.train.ema import ModelEma
 from common.train.metrics import accumulator_dtype
 from common.train.run_files import plot_curves, write_history, write_run_config
@@ -225,6 +225,7 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
                 start = time.perf_counter()
                 train = train_one_epoch(forward, loaders.train, task, optimizer, stepper, runtime, epoch,
                                         args.seed, augment=augment_config(args))
+                broadcast_buffers_(scored)  # every rank scores the weights rank 0 saves
                 valid = evaluate(evaluator, loaders.valid, task, runtime, epoch)
                 row = epoch_row(epoch, args, train, valid, task, optimizer, time.perf_counter() - start)
                 scheduler.step()
