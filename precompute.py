@@ -121,12 +121,12 @@ def check_args(args) -> None:
             raise UserError(f"a folder dataset has the splits train and validation, not {', '.join(unknown)}")
         if args.synthetic is not None:
             raise UserError("--synthetic generates OpenEDS-layout data; it does not go with --source folder")
-    if args.randomized is not None and args.synthetic is None:
-        raise UserError("--randomized chooses the generator of --synthetic N; give --synthetic too")
         if not 0 < args.val_ratio < 1:
             raise UserError(f"--val-ratio must be between 0 and 1, got {args.val_ratio}")
     elif args.size == "native":
         raise UserError("--size native is for --source folder; OpenEDS frames are 400x640")
+    if args.randomized is not None and args.synthetic is None:
+        raise UserError("--randomized chooses the generator of --synthetic N; give --synthetic too")
 
 
 def prepare_raw(args) -> Path:

@@ -72,12 +72,30 @@ def atomic_write_json(path: str | os.PathLike, data) -> Path:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporaries left by a killed writer in ``folder``; returns how many were removed."""
+    """Delete the temporaries ``atomic_path`` left in ``folder`` when its writer was killed; returns
+    how many were removed. A temporary whose writer (the pid in its name) is still running on this
+    machine stays: another script may be writing into the same folder."""
     removed = 0
     for tmp in Path(folder).glob(".tmp-*"):
+        if _writer_alive(tmp.name):
+            continue
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that named a temporary ``.tmp-<pid>-<file>`` is still running here."""
+    pid = name.split("-")[1] if name.count("-") >= 2 else ""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def retry_with_backoff(

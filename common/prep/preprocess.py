@@ -270,9 +270,21 @@ def _distance_to(pixels: np.ndarray) -> np.ndarray:
     """(H, W) float64 exact Euclidean distance of every pixel to the nearest pixel of ``pixels``.
 
     OpenCV's DIST_MASK_PRECISE is the exact transform (as scipy's ``distance_transform_edt``, to
-    float32 rounding) and several times faster.
+    float32 rounding) and several times faster. Its last float32 bit depends on where its output
+    buffer starts (vectorized and scalar code round differently), so the output always starts on
+    a 64-byte boundary: the same mask then gives the same bits in every run and process.
     """
-    return cv2.distanceTransform((~pixels).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+    distances = _aligned_float32(pixels.shape)
+    cv2.distanceTransform((~pixels).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE, dst=distances)
+    return distances.astype(np.float64)
+
+
+def _aligned_float32(shape: tuple[int, int]) -> np.ndarray:
+    """An uninitialized (H, W) float32 C-contiguous array whose data starts on a 64-byte boundary."""
+    count = shape[0] * shape[1]
+    storage = np.empty(count + 16, np.float32)  # 16 float32 = 64 bytes of slack
+    start = (-storage.ctypes.data % 64) // 4
+    return storage[start : start + count].reshape(shape)
 
 
 def signed_distance(class_mask: np.ndarray) -> np.ndarray:

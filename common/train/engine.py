@@ -33,6 +33,7 @@ from common.checkpoint import (
 )
 from common.cli import signals_as_interrupt
 from common.errors import ConfigurationError, NonFiniteLossError, TrainingInterrupted
+from common.files import remove_stale_temporaries
 from common.infer.export import export_onnx, verify_onnx
 from common.infer.pictures import picture_due, picture_rows, save_predictions
 from common.models import build_model, count_parameters, model_task
@@ -200,6 +201,8 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
     runtime = setup_runtime(args)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        remove_stale_temporaries(out_dir)  # of a writer killed mid-file; a live one's stay
     task_type = TASKS[model_task(spec.model_name)]
     targets = task_type.targets  # what the batches carry for this task
     with main_process_first():  # rank 0 builds or downloads the dataset; the others then read it
@@ -241,6 +244,7 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
                                                       loaders.valid.dataset, task.name, runtime)
                     tracker.log_artifact(picture, artifact_path="predictions")
                 write_history(out_dir, state.history, spec.metrics_name)
+                save_last_checkpoint(out_dir, spec, model, optimizer, scheduler, stepper, state, args, size)
                 saved()
             # finish: curves and the ONNX export of the best checkpoint
             onnx_path = finish_files(out_dir, spec, state, size, tracker, args.export) if runtime.is_main else None
@@ -316,16 +320,26 @@ def epoch_row(epoch: int, args, train: dict, valid: dict, task, optimizer, secon
 
 def save_epoch_checkpoints(out_dir: Path, spec: TrainSpec, model, optimizer, scheduler, stepper,
                            state: TrainState, args, image_size, improved: bool) -> list[Path]:
-    """last (every epoch, for --resume), best and per-epoch checkpoints; returns the new artifacts."""
+    """The best and per-epoch checkpoints of this epoch; returns them (the new artifacts).
+
+    ``last`` (for --resume) is not among them: ``save_last_checkpoint`` writes it after every other
+    file of the epoch, so a run killed before it resumes from the previous epoch and rewrites them.
+    """
     def save(name: str) -> Path:
         return save_training_checkpoint(out_dir / name, model, optimizer, scheduler, stepper, state, args,
                                         image_size, ema=stepper.ema)
 
-    save(spec.last_name)
     saved = [save(spec.best_name)] if improved else []
     if spec.wants_epoch_checkpoint(state.epoch, args.epochs, improved):
         saved.append(save(spec.epoch_name(state.epoch, state.history[-1]["valid_iou"])))
     return saved
+
+
+def save_last_checkpoint(out_dir: Path, spec: TrainSpec, model, optimizer, scheduler, stepper,
+                         state: TrainState, args, image_size) -> Path:
+    """The epoch's last file: once it is renamed into place, --resume starts after this epoch."""
+    return save_training_checkpoint(out_dir / spec.last_name, model, optimizer, scheduler, stepper, state, args,
+                                    image_size, ema=stepper.ema)
 
 
 def report_epoch(tracker: Tracker, row: dict, best_metric: str, state: TrainState, files: list[Path],
