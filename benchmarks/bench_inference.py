@@ -1,104 +1,183 @@
-"""Single-thread ONNX Runtime latency of every model at full frame size.
+"""End-to-end latency of a whole camera frame, stage by stage, with ONNX Runtime on the CPU.
 
-Each model is exported (BN folded) to a temporary folder and run by ONNX Runtime on the CPU with
-one intra-op and one inter-op thread and all graph optimizations, batch 1, the edge runtime's setting.
-After the warm-up runs, the median and 90th percentile over the timed runs are printed as a markdown
-table together with the latency target where the model has one.
+A raw 400x640 frame (the camera's, rendered by the synthetic generator) goes through the stages
+``PupilPredictor`` runs, each timed on its own:
 
-Example:
-    python benchmarks/bench_inference.py --runs 200 --warmup 20
-    python benchmarks/bench_inference.py --models efficientvit efficientvit_micro --height 400 --width 640
+    letterbox        resize and pad to the model's input size (nothing when the sizes match)
+    gamma+CLAHE      the training preprocessing, once per frame, at the model's size
+    model            uint8 -> [-1, 1] float input, and the ONNX Runtime session
+    decode+ellipse   mask, largest component, ellipse fit and confidence, back to the frame's pixels
+
+for every model, fp32 and INT8 (static QDQ, per-channel weights, calibrated on synthetic frames),
+at each model input size, with one thread (OpenCV and ONNX Runtime) and with all cores. It prints
+a markdown table of the median and 99th percentile of each stage and of the total, frames per
+second on the median, and the distance to the 120 Hz budget (8.33 ms). Without --checkpoints the
+models have their initial weights; give trained checkpoints for a realistic decode stage.
+
+Examples:
+    python benchmarks/bench_inference.py
+    python benchmarks/bench_inference.py --checkpoints checkpoints/best_efficientvit_model.pt \
+        checkpoints/best_efficientvit_tiny_model.pt
+    python benchmarks/bench_inference.py --models efficientvit_micro --sizes 400x640 --threads 1 --runs 50
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+from common.checkpoint import load_model  # noqa: E402
+from common.errors import UserError  # noqa: E402
 from common.infer.export import export_onnx  # noqa: E402
+from common.infer.inference import PupilPredictor  # noqa: E402
+from common.infer.quantize import quantize_int8  # noqa: E402
 from common.models import MODEL_NAMES, build_model, count_parameters  # noqa: E402
+from common.prep import preprocess  # noqa: E402
+from common.prep.synthetic import render_sample  # noqa: E402
 
-TARGET_MS = {"efficientvit": 15.0, "efficientvit_micro": 8.0}
+BUDGET_MS = 1000.0 / 120  # one frame of a 120 Hz eye camera
+STAGES = ("letterbox", "gamma+CLAHE", "model", "decode+ellipse")
+SEGMENTERS = ("efficientvit", "efficientvit_micro")
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W), both multiples of 16."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 400x640, got '{text}'") from None
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 16, got '{text}'")
+    return height, width
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="ONNX Runtime single-thread latency benchmark",
+    parser = argparse.ArgumentParser(description="End-to-end per-stage latency benchmark (ONNX Runtime, CPU)",
                                      add_help=add_help)
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
-    parser.add_argument("--height", type=int, default=400)
-    parser.add_argument("--width", type=int, default=640)
-    parser.add_argument("--runs", type=int, default=200, help="timed runs per model")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed runs before timing")
+    parser.add_argument("--models", nargs="+", default=list(SEGMENTERS), choices=MODEL_NAMES,
+                        help="models with their initial weights (ignored with --checkpoints)")
+    parser.add_argument("--checkpoints", nargs="+", type=Path, default=[], help="trained .pt files instead")
+    parser.add_argument("--sizes", nargs="+", type=frame_size, default=[(400, 640), (208, 208)],
+                        help="model input sizes, HxW")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0], help="threads per run; 0 = all cores")
+    parser.add_argument("--frame", type=frame_size, default=(400, 640), help="the camera frame, HxW")
+    parser.add_argument("--runs", type=int, default=200, help="timed frames per row")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed frames before timing")
+    parser.add_argument("--calibration-frames", type=int, default=32, help="INT8 calibration frames")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def make_session(path: Path):
-    """ONNX Runtime CPU session pinned to one thread with every graph optimization enabled."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def camera_frames(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
+    """``count`` raw (H, W) uint8 synthetic eye frames, as a camera delivers them."""
+    rng = np.random.default_rng(seed)
+    return [render_sample(rng, *size)[0] for _ in range(count)]
 
 
-def time_session(session, image: np.ndarray, runs: int, warmup: int) -> np.ndarray:
-    """Per-run latencies in milliseconds, shape (runs,)."""
-    feed = {session.get_inputs()[0].name: image}
-    for _ in range(warmup):
-        session.run(None, feed)
-    latencies = np.empty(runs)
-    for i in range(runs):
+def model_files(models: dict, size: tuple[int, int], precisions, frames, folder: Path) -> dict:
+    """{(name, precision): ONNX path} of every model at input ``size``; INT8 is calibrated on
+    ``frames`` letterboxed and enhanced at that size."""
+    files = {}
+    for name, model in models.items():
+        fp32 = export_onnx(model, folder / f"{name}-{size[0]}x{size[1]}.onnx", input_size=size)
+        files[name, "fp32"] = fp32
+        if "int8" in precisions:
+            ready = np.stack([preprocess.enhance_frame(preprocess.letterbox(f, *size)[0]) for f in frames])
+            int8 = fp32.with_name(f"{fp32.stem}.int8.onnx")
+            quantize_int8(fp32, int8, ready, method="minmax")
+            files[name, "int8"] = int8
+    return {key: path for key, path in files.items() if key[1] in precisions}
+
+
+def time_stages(predictor: PupilPredictor, frames, runs: int, warmup: int) -> np.ndarray:
+    """(runs, 4) milliseconds of the four stages of each timed frame, in ``STAGES`` order."""
+    times = np.empty((runs, len(STAGES)))
+    for index in range(warmup + runs):
+        frame = frames[index % len(frames)]
         start = time.perf_counter()
-        session.run(None, feed)
-        latencies[i] = (time.perf_counter() - start) * 1000.0
-    return latencies
+        boxed, box = predictor.letterboxed(frame)
+        boxed_at = time.perf_counter()
+        ready = preprocess.enhance_frame(boxed)
+        ready_at = time.perf_counter()
+        output = predictor.outputs_prepared(ready[None])[0]  # (2, h, w) logits or (4,)
+        output_at = time.perf_counter()
+        predictor.postprocess(output, box, ready)
+        done_at = time.perf_counter()
+        if index >= warmup:
+            times[index - warmup] = np.diff([start, boxed_at, ready_at, output_at, done_at]) * 1e3
+    return times
 
 
-def benchmark_model(name: str, args: argparse.Namespace, folder: Path) -> dict:
-    model = build_model(name).eval()
-    path = export_onnx(model, folder / f"{name}.onnx", input_size=(args.height, args.width))
-    rng = np.random.default_rng(args.seed)
-    image = rng.uniform(-1, 1, (1, 1, args.height, args.width)).astype(np.float32)  # (1, 1, H, W)
-    latencies = time_session(make_session(path), image, args.runs, args.warmup)
-    return {
-        "name": name, "params": count_parameters(model), "kb": path.stat().st_size / 1024,
-        "median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90)),
-        "target": TARGET_MS.get(name),
-    }
+def benchmark_row(path: Path, name: str, precision: str, size, threads: int, frames, args) -> dict:
+    cores = threads or os.cpu_count()
+    cv2.setNumThreads(cores)
+    predictor = PupilPredictor(path, threads=cores)
+    times = time_stages(predictor, frames, args.runs, args.warmup)
+    total = times.sum(axis=1)
+    return {"model": name, "precision": precision, "size": size, "threads": cores,
+            "kb": path.stat().st_size / 1024, "stages": np.median(times, axis=0),
+            "stages_p99": np.percentile(times, 99, axis=0),
+            "median": float(np.median(total)), "p99": float(np.percentile(total, 99))}
 
 
 def format_row(row: dict) -> str:
-    target = f"<= {row['target']:g} ms" if row["target"] else "-"
-    ratio = f"{row['median'] / row['target']:.2f}" if row["target"] else "-"
-    return (f"| {row['name']} | {row['params']:,} | {row['kb']:.0f} | {row['median']:.2f} | "
-            f"{row['p90']:.2f} | {target} | {ratio} |")
+    stages = " | ".join(f"{m:.2f} / {p:.2f}" for m, p in zip(row["stages"], row["stages_p99"]))
+    over = row["median"] - BUDGET_MS
+    if over <= 0:
+        verdict = f"within ({-over:.2f} ms to spare)"
+    else:
+        slowest = STAGES[int(np.argmax(row["stages"]))]
+        verdict = f"{over:.2f} ms over; {slowest} {row['stages'].max():.2f} ms"
+    return (f"| {row['model']} | {row['precision']} | {row['size'][0]}x{row['size'][1]} | {row['threads']} | "
+            f"{row['kb']:.0f} | {stages} | {row['median']:.2f} / {row['p99']:.2f} | "
+            f"{1000.0 / row['median']:.0f} | {verdict} |")
+
+
+def load_models(args) -> dict:
+    """{name: model in eval mode}: the checkpoints' trained models, or initial weights."""
+    if args.checkpoints:
+        models = {}
+        for path in args.checkpoints:
+            model = load_model(path)
+            models[getattr(model, "model_name", None) or path.stem] = model
+        return models
+    return {name: build_model(name).eval() for name in args.models}
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.warmup < 0:
-        print("error: --runs must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
-    if args.height % 16 or args.width % 16:
-        print(f"error: height and width must be multiples of 16, got {args.height}x{args.width}",
+    if args.runs < 1 or args.warmup < 0 or args.calibration_frames < 1 or min(args.threads) < 0:
+        print("error: --runs and --calibration-frames must be >= 1, --warmup and --threads >= 0",
               file=sys.stderr)
         return 2
-    print(f"ONNX Runtime, 1 thread, batch 1, {args.height}x{args.width}, "
-          f"{args.warmup} warm-up + {args.runs} timed runs\n")
-    print("| model | params | ONNX KB | median ms | p90 ms | target | ratio to target |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    try:
+        models = load_models(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    frames = camera_frames(max(args.calibration_frames, 8), args.frame, args.seed)
+    print(f"camera frame {args.frame[0]}x{args.frame[1]}; ONNX Runtime {args.warmup} warm-up + "
+          f"{args.runs} timed frames per row; cells are median / p99 ms; budget {BUDGET_MS:.2f} ms (120 Hz)")
+    print(", ".join(f"{name} {count_parameters(model):,} parameters" for name, model in models.items()) + "\n")
+    print("| model | precision | input | threads | ONNX KB | " + " | ".join(STAGES) +
+          " | total | FPS | 120 Hz budget |")
+    print("|---|---|---|---:|---:|" + "---:|" * (len(STAGES) + 2) + "---|")
     with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            print(format_row(benchmark_model(name, args, Path(folder))), flush=True)
+        for size in args.sizes:
+            files = model_files(models, size, args.precisions, frames[: args.calibration_frames], Path(folder))
+            for (name, precision), path in files.items():
+                for threads in args.threads:
+                    row = benchmark_row(path, name, precision, size, threads, frames[:8], args)
+                    print(format_row(row), flush=True)
     return 0
 
 

@@ -123,7 +123,7 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- model back ends
 class _TorchBackend:
-    def __init__(self, path: Path, device: torch.device, expected_model: str | None):
+    def __init__(self, path: Path, device: torch.device, expected_model: str | None, threads: int | None = None):
         checkpoint = load_checkpoint(path)
         self.device = device
         self.model = model_from_checkpoint(checkpoint, path, self.device, expected_model)
@@ -139,14 +139,17 @@ class _TorchBackend:
 
 
 class _OnnxBackend:
-    def __init__(self, path: Path, device: torch.device, expected_model: str | None):
+    def __init__(self, path: Path, device: torch.device, expected_model: str | None, threads: int | None = None):
         import onnxruntime as ort  # only needed for .onnx files
 
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()  # every graph optimization, onnxruntime's default
+        if threads:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
             self.input_size = tuple(export.onnx_input_size(path))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf types
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -173,10 +176,12 @@ class PupilPredictor:
         threshold: for segmentation models, pupil where softmax probability > threshold
             (None: argmax of the two logits, i.e. 0.5).
         expected_model: if given, refuse a model file of another architecture (CheckpointError).
+        threads: ONNX Runtime's intra-op threads for an ``.onnx`` file (None: all cores); an
+            edge device's one core is ``threads=1``.
     """
 
     def __init__(self, model_path, device: str = "cpu", threshold: float | None = None,
-                 expected_model: str | None = None):
+                 expected_model: str | None = None, threads: int | None = None):
         path = Path(model_path)
         if not path.is_file():
             raise CheckpointError(f"model file not found: {path}")
@@ -184,7 +189,7 @@ class PupilPredictor:
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise InputError(f"threshold must be in (0, 1), got {threshold}")
         backend = _OnnxBackend if path.suffix.lower() == ".onnx" else _TorchBackend
-        self.backend = backend(path, device, expected_model)
+        self.backend = backend(path, device, expected_model, threads)
         self.threshold = threshold
 
     @property
@@ -216,7 +221,7 @@ class PupilPredictor:
         start = _add_time(timings, "preprocess", start)
         outputs = self.outputs_prepared(np.stack([ready for ready, _ in prepared]))  # host arrays: the model's time ends here
         start = _add_time(timings, "model", start)
-        predictions = [self._postprocess(output, box, ready) for output, (ready, box) in zip(outputs, prepared)]
+        predictions = [self.postprocess(output, box, ready) for output, (ready, box) in zip(outputs, prepared)]
         _add_time(timings, "decode", start)
         return predictions
 
@@ -237,15 +242,19 @@ class PupilPredictor:
 
     def _prepare(self, frame) -> tuple[np.ndarray, Letterbox]:
         """Raw frame -> ((h, w) uint8 model-ready frame: letterboxed, enhanced; Letterbox mapping it back)."""
+        boxed, box = self.letterboxed(frame)
+        return preprocess.enhance_frame(boxed), box  # gamma + CLAHE once, at the model's size
+
+    def letterboxed(self, frame) -> tuple[np.ndarray, Letterbox]:
+        """Raw frame -> ((h, w) uint8 at the model's input size, Letterbox mapping it back); a frame
+        already of that size is used as it is."""
         frame = as_grayscale_frame(frame)
         height, width = self.input_size
         if frame.shape == (height, width):
-            boxed, box = frame, preprocess.letterbox_geometry(height, width, height, width)
-        else:
-            boxed, box = preprocess.letterbox(frame, height, width)
-        return preprocess.enhance_frame(boxed), box
+            return frame, preprocess.letterbox_geometry(height, width, height, width)
+        return preprocess.letterbox(frame, height, width)
 
-    def _postprocess(self, output: np.ndarray, box: Letterbox, model_input: np.ndarray) -> Prediction:
+    def postprocess(self, output: np.ndarray, box: Letterbox, model_input: np.ndarray) -> Prediction:
         """Model output -> Prediction in the original frame (the letterbox's padding is never pupil:
         the zero padding is darker than any pupil). ``model_input`` (h, w) uint8 is the enhanced frame."""
         new_h, new_w = box.new_size

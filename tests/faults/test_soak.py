@@ -30,13 +30,13 @@ import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
+from common.files import remove_stale_temporaries
 from tests.faults.runs import BEST, LAST, METRICS, TINY_DEMO, TINY_SCRIPT
 from tests.helpers import ROOT, clean_env, epoch_rows
 
 SEED = int(os.environ.get("SOAK_SEED", "17"))
 KILLS = int(os.environ.get("SOAK_KILLS", "10"))
 ONNX = "best_efficientvit_tiny_model.onnx"
-pytestmark = pytest.mark.slow
 
 
 class Soak:
@@ -96,6 +96,23 @@ def readers_files(folder: Path, pattern: str) -> list[Path]:
     return [path for path in folder.rglob(pattern) if not path.name.startswith(".")]
 
 
+def test_only_a_dead_writers_temporaries_are_removed(tmp_path):
+    """What a run clears at its start: temporaries of killed writers, not those of a live process
+    (another script writing into the same folder) nor real files."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [f".tmp-{dead.pid}-last.pt", f".tmp-{alive.pid}-best.pt", ".tmp-x-odd.pt", "last.pt"]
+        for name in names:
+            (tmp_path / name).write_bytes(b"part")
+        assert remove_stale_temporaries(tmp_path) == 2
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1::2])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 # ----------------------------------------------------------------------------- precompute
 PRECOMPUTE = ["--synthetic", "24", "--size", "64", "96", "--no-push", "--shard-size", "2", "--workers", "1"]
 
@@ -126,6 +143,7 @@ def check_precompute_after_kill(folder: Path) -> None:
         json.loads(record.read_text())
 
 
+@pytest.mark.slow
 def test_precompute_killed_at_random_rebuilds_the_same_dataset(tmp_path):
     began, soak = time.perf_counter(), Soak("precompute", SEED)
     soak.measure(precompute_command(tmp_path / "reference"), tmp_path / "reference")
@@ -177,6 +195,7 @@ def finished_run(folder: Path) -> dict:
             "onnx": hashlib.sha256((folder / ONNX).read_bytes()).hexdigest()}
 
 
+@pytest.mark.slow
 def test_training_killed_at_random_resumes_to_the_uninterrupted_history(tmp_path):
     began, soak = time.perf_counter(), Soak("training", SEED)
     command = training_command(tmp_path / "data")
