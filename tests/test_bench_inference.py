@@ -1,0 +1,60 @@
+"""benchmarks/bench_inference.py: a whole frame through every stage, fp32 and INT8, on small sizes."""
+
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.infer.export import export_onnx
+from common.infer.inference import PupilPredictor
+from common.models import build_model
+from common.prep import preprocess
+from tests.helpers import ROOT
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "benchmarks" / "bench_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+
+
+def test_the_stages_are_those_predictor_runs():
+    """The timed stages, run one by one, give the prediction ``PupilPredictor.predict`` gives."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(build_model("efficientvit_micro").eval(), Path(folder) / "m.onnx", input_size=(32, 48))
+        predictor = PupilPredictor(path, threads=1)
+        frame = bench.camera_frames(1, (64, 96), seed=0)[0]
+        whole = predictor.predict(frame)
+        boxed, box = predictor.letterboxed(frame)
+        ready = preprocess.enhance_frame(boxed)
+        staged = predictor.postprocess(predictor.outputs_prepared(ready[None])[0], box, ready)
+        assert np.array_equal(staged.mask, whole.mask) and staged.ellipse == whole.ellipse
+        assert bench.time_stages(predictor, [frame], runs=3, warmup=1).shape == (3, len(bench.STAGES))
+
+
+def test_table_has_a_row_per_model_precision_size_and_thread_count(capsys):
+    args = bench.get_args_parser().parse_args(
+        ["--models", "efficientvit_micro", "--sizes", "32x48", "16x16", "--threads", "1", "0", "--runs", "3",
+         "--warmup", "1", "--calibration-frames", "2", "--frame", "64x96"])
+    assert bench.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| efficientvit_micro")]
+    assert len(rows) == 2 * 2 * 2  # sizes x precisions x thread settings
+    cells = [row.strip("|").split("|") for row in rows]
+    assert {cell[1].strip() for cell in cells} == {"fp32", "int8"}
+    for cell in cells:
+        median, p99 = (float(v) for v in cell[9].split("/"))  # the total
+        stages = [float(v.split("/")[0]) for v in cell[5:9]]
+        assert 0 < max(stages) <= median <= p99  # every frame's total holds each of its stages
+
+
+@pytest.mark.parametrize("text", ["400x641", "0x16", "400", "axb"])
+def test_bad_sizes_are_refused_at_parse_time(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.get_args_parser().parse_args(["--sizes", text])
+    assert exit_info.value.code == 2 and "error: argument --sizes" in capsys.readouterr().err
