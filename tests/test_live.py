@@ -28,8 +28,11 @@ from common.infer.inference import PupilPredictor, pupil_confidence
 from common.infer.smoothing import EllipseSmoother
 from common.prep import preprocess
 from common.prep.preprocess import Ellipse
+from tests import test_inference
 from tests.helpers import ROOT
-from tests.test_inference import MODEL_SIZE, SEG_MODEL, draw_eye, read_csv, run_predict, trained  # noqa: F401
+from tests.test_inference import MODEL_SIZE, draw_eye, read_csv, run_predict
+
+trained = test_inference.trained  # the module-scoped fixture: one trained model for both modules
 
 FRAMES, FPS = 300, 100.0
 BLINK = range(150, 170)
