@@ -2,7 +2,8 @@
 
 Examples:
     python evaluate.py --model checkpoints/best_efficientvit_model.pt --dataset ./precompute_output
-    python evaluate.py --model checkpoints/best_efficientvit_model.onnx --hf-repo Conner/sddec25-01 --split train
+    python evaluate.py --model checkpoints/best_efficientvit_model.onnx --hf-repo Conner/sddec25-01 \\
+        --split train
     python evaluate.py --model checkpoints/best_ellipse_model.pt --demo --output-dir evaluation/ellipse
     python evaluate.py --model best_efficientvit_model.pt --dataset my_eyes_data --device cuda --batch-size 32
 

@@ -59,25 +59,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # None tells "not given" apart: an explicit --hf-repo is what --validate checks
     parser.add_argument("--hf-repo", default=None,
                         help=f"Hub dataset repo to push to / validate (default {DEFAULT_HF_REPO})")
-    parser.add_argument("--output-dir", default="./precompute_output", type=Path, help="where shards are written")
+    parser.add_argument("--output-dir", default="./precompute_output", type=Path,
+                        help="where shards are written")
     parser.add_argument("--no-push", action="store_true", help="keep the output local")
     parser.add_argument("--validate", action="store_true",
                         help="recompute sampled rows from raw and compare: of --hf-repo if given, else of "
                              "--output-dir if it holds shards, else of the default repo")
-    parser.add_argument("--validate-samples", default=20, type=int, help="rows per split checked by --validate")
+    parser.add_argument("--validate-samples", default=20, type=int,
+                        help="rows per split checked by --validate")
     parser.add_argument("--skip-download", action="store_true", help="use the raw data already in --raw-dir")
     parser.add_argument("--source", choices=["openeds", "folder"], default="openeds",
                         help="openeds: the OpenEDS layout (Kaggle); folder: images/ + masks/, a CVAT export, "
                              "YOLO segmentation labels or COCO JSON")
     parser.add_argument("--raw-dir", default="./openeds_raw", type=Path,
                         help="raw data: the OpenEDS layout, or the folder dataset of --source folder")
-    parser.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic raw samples instead of downloading")
+    parser.add_argument("--synthetic", type=int, metavar="N",
+                        help="generate N synthetic raw samples instead of downloading")
     parser.add_argument("--randomized", nargs="?", const="train", choices=FAMILIES, metavar="FAMILY",
                         help="--synthetic with the domain-randomized generator; FAMILY train (default) "
                              "or heldout draws view, contrast, light, noise, glint size and blur from "
                              "disjoint ranges")
-    parser.add_argument("--seed", default=0, type=int, help="seed of --synthetic and of --validate's sampling")
-    parser.add_argument("--workers", default=default_workers(), type=int, help="processes (default: all cores)")
+    parser.add_argument("--seed", default=0, type=int,
+                        help="seed of --synthetic and of --validate's sampling")
+    parser.add_argument("--workers", default=default_workers(), type=int,
+                        help="processes (default: all cores)")
     parser.add_argument("--splits", nargs="+", default=["train", "validation"], help="splits to process")
     parser.add_argument("--shard-size", default=100, type=int, help="samples per parquet shard")
     parser.add_argument("--size", nargs="+", default=["400", "640"], metavar="H W | native",
@@ -89,12 +94,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--keep-empty", action="store_true", help="keep frames without pupil as negatives")
     folder = parser.add_argument_group("--source folder")
     folder.add_argument("--pupil-class", type=pupil_class, default=None, metavar="K",
-                        help="which class is the pupil: masks, the pixel value K of class-index maps (default: "
-                             "binary 0/255 or 0/1; OpenEDS: 3); YOLO, the class index (default: the class named "
-                             "--label in data.yaml, else 0); COCO, a category id or name (default: the category "
-                             "named --label, else the only one)")
+                        help="which class is the pupil: masks, the pixel value K of class-index maps "
+                             "(default: binary 0/255 or 0/1; OpenEDS: 3); YOLO, the class index "
+                             "(default: the class named --label in data.yaml, else 0); COCO, a category "
+                             "id or name (default: the category named --label, else the only one)")
     folder.add_argument("--label", default="pupil",
-                        help="the pupil's name in a CVAT labelmap.txt, a YOLO data.yaml or the COCO categories")
+                        help="the pupil's name in a CVAT labelmap.txt, a YOLO data.yaml or the COCO "
+                             "categories")
     folder.add_argument("--val-ratio", default=0.10, type=float, help="validation share of a new split")
     folder.add_argument("--min-val-pos", default=10, type=int,
                         help="at least this many images with a pupil in a new validation split")

@@ -3,7 +3,8 @@ camera or a video.
 
 Examples:
     python predict.py --model best_efficientvit_model.pt --input frame.png --output-dir predictions/
-    python predict.py --model model.onnx --input frames/ --output-dir predictions/ --expected-model efficientvit
+    python predict.py --model model.onnx --input frames/ --output-dir predictions/ \\
+        --expected-model efficientvit
     python predict.py --model best_efficientvit_model.pt --input eye.mp4 --every 5 --output-dir predictions/
     # the same crop as collect_frames.py --roi, for a model trained on those frames
     python predict.py --model best_efficientvit_model.pt --input eye.mp4 --roi 100 40 640 400
@@ -196,8 +197,8 @@ def csv_row(source: Path, frame_index: int, prediction, offset: tuple[int, int] 
     if prediction.ellipse is not None:
         (x, y), (a, b), angle = prediction.ellipse_pixels()
         e = prediction.ellipse
-        values = dict(cx_px=x + offset[0], cy_px=y + offset[1], semi_axis_1_px=a, semi_axis_2_px=b, angle_deg=angle,
-                      cx=e.cx, cy=e.cy, rx=e.rx, ry=e.ry)
+        values = dict(cx_px=x + offset[0], cy_px=y + offset[1], semi_axis_1_px=a, semi_axis_2_px=b,
+                      angle_deg=angle, cx=e.cx, cy=e.cy, rx=e.rx, ry=e.ry)
         row.update({key: f"{value:.6f}" for key, value in values.items()})
     return row
 
@@ -212,7 +213,8 @@ def check_unique_names(files: list[Path]) -> None:
 def changed_flags(args: argparse.Namespace, names) -> list[str]:
     """The flags among ``names`` (argparse dests) that differ from their defaults, as '--name'."""
     defaults = get_args_parser()
-    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) != defaults.get_default(name)]
+    return [f"--{name.replace('_', '-')}" for name in names
+            if getattr(args, name) != defaults.get_default(name)]
 
 
 def is_live_run(args: argparse.Namespace) -> bool:

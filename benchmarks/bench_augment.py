@@ -70,7 +70,8 @@ def make_batch(batch_size: int, height: int, width: int, device: torch.device) -
     rows = [process_sample(*eye_frame(rng, height, width)) for _ in range(batch_size)]
     batch = {key: torch.from_numpy(np.stack([row[key] for row in rows]))
              for key in ("image", "label", "spatial_weights", "dist_map")}
-    batch["ellipse"] = torch.tensor([[row[k] for k in ("cx", "cy", "rx", "ry")] for row in rows], dtype=torch.float32)
+    batch["ellipse"] = torch.tensor([[row[k] for k in ("cx", "cy", "rx", "ry")] for row in rows],
+                                    dtype=torch.float32)
     return to_device(batch, device)
 
 
@@ -98,7 +99,8 @@ def rows(parts: bool, groups: list[str] | None = None) -> list[tuple[str, Augmen
     if parts:
         none = AugmentConfig.from_groups("none")
         for group, probabilities in GROUP_PROBABILITIES.items():
-            named += [(f"  {group}: {name[2:]}", dataclasses.replace(none, **{name: 1.0})) for name in probabilities]
+            named += [(f"  {group}: {name[2:]}", dataclasses.replace(none, **{name: 1.0}))
+                      for name in probabilities]
     return named
 
 

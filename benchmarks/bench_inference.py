@@ -69,7 +69,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--sizes", nargs="+", type=frame_size, default=[(400, 640), (208, 208)],
                         help="model input sizes, HxW")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0], help="threads per run; 0 = all cores")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 0],
+                        help="threads per run; 0 = all cores")
     parser.add_argument("--frame", type=frame_size, default=(400, 640), help="the camera frame, HxW")
     parser.add_argument("--runs", type=int, default=200, help="timed frames per row")
     parser.add_argument("--warmup", type=int, default=20, help="untimed frames before timing")
@@ -167,13 +168,15 @@ def main(args: argparse.Namespace) -> int:
     frames = camera_frames(max(args.calibration_frames, 8), args.frame, args.seed)
     print(f"camera frame {args.frame[0]}x{args.frame[1]}; ONNX Runtime {args.warmup} warm-up + "
           f"{args.runs} timed frames per row; cells are median / p99 ms; budget {BUDGET_MS:.2f} ms (120 Hz)")
-    print(", ".join(f"{name} {count_parameters(model):,} parameters" for name, model in models.items()) + "\n")
+    print(", ".join(f"{name} {count_parameters(model):,} parameters"
+                    for name, model in models.items()) + "\n")
     print("| model | precision | input | threads | ONNX KB | " + " | ".join(STAGES) +
           " | total | FPS | 120 Hz budget |")
     print("|---|---|---|---:|---:|" + "---:|" * (len(STAGES) + 2) + "---|")
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            files = model_files(models, size, args.precisions, frames[: args.calibration_frames], Path(folder))
+            files = model_files(models, size, args.precisions, frames[: args.calibration_frames],
+                                Path(folder))
             for (name, precision), path in files.items():
                 for threads in args.threads:
                     row = benchmark_row(path, name, precision, size, threads, frames[:8], args)

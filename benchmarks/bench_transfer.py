@@ -139,14 +139,16 @@ class Run:
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real-dir", type=Path, help="the real YOLO export (images/{train,val}, labels/{train,val})")
+    parser.add_argument("--real-dir", type=Path,
+                        help="the real YOLO export (images/{train,val}, labels/{train,val})")
     parser.add_argument("--work-dir", type=Path, required=True,
                         help="datasets, runs, results.json and table.md (a rerun reuses what is there)")
     parser.add_argument("--rows", nargs="+", choices=ROW_NAMES, default=list(ROW_NAMES), metavar="ROW",
                         help=f"rows to run (default all): {' '.join(ROW_NAMES)}")
-    parser.add_argument("--trained-on", nargs="+", choices=("synthetic", "real"), default=["synthetic", "real"],
-                        help="which runs of each row: trained on synthetic data (cross-camera, zero-shot) and/or "
-                             "on the real train split (real-split); default both")
+    parser.add_argument("--trained-on", nargs="+", choices=("synthetic", "real"),
+                        default=["synthetic", "real"],
+                        help="which runs of each row: trained on synthetic data (cross-camera, zero-shot) "
+                             "and/or on the real train split (real-split); default both")
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2; --smoke: 0)")
     parser.add_argument("--epochs", type=positive_int, help="epochs of a run (default 15; --smoke: 1)")
     parser.add_argument("--batch-size", type=positive_int, help="default 16 (--smoke: 4)")
@@ -155,7 +157,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help="tiny frames and data, one epoch, one seed")
     parser.add_argument("--jobs", default=1, type=positive_int, help="training runs at once")
     parser.add_argument("--threads", type=positive_int, help="CPU threads per run (default: cores / jobs)")
-    parser.add_argument("--workers", default=1, type=positive_int, help="precompute processes for the datasets")
+    parser.add_argument("--workers", default=1, type=positive_int,
+                        help="precompute processes for the datasets")
     parser.add_argument("--device", default="auto", help="passed to the training script and evaluate.py")
     parser.add_argument("--data-on-device", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -197,7 +200,8 @@ def build_datasets(work: Path, scale: Scale, real_dir: Path | None, rows, worker
         out = work / "data" / name
         raw = [] if name == "real" else ["--raw-dir", str(work / "raw" / name)]
         print(f"dataset {name}: {out}", flush=True)
-        precompute.main(precompute.get_args_parser().parse_args([*flags, *raw, "--output-dir", str(out), *common]))
+        precompute.main(precompute.get_args_parser().parse_args(
+            [*flags, *raw, "--output-dir", str(out), *common]))
         built[name] = out
     return built
 
@@ -226,7 +230,8 @@ def link_dataset(folder: Path, parts: dict[str, list[list[Path]]]) -> Path:
     """A dataset folder whose data/ holds links to other datasets' shards: ``parts[split]`` is a
     list of shard lists, the split's rows in that order. Left alone when it already links them."""
     links = {f"{split}-{k}{i:04d}.parquet": shard.resolve()
-             for split, groups in parts.items() for k, shards in enumerate(groups) for i, shard in enumerate(shards)}
+             for split, groups in parts.items() for k, shards in enumerate(groups)
+             for i, shard in enumerate(shards)}
     data = folder / DATA_DIR
     if data.is_dir() and {path.name: path.resolve() for path in data.glob("*.parquet")} == links:
         return folder
@@ -237,7 +242,8 @@ def link_dataset(folder: Path, parts: dict[str, list[list[Path]]]) -> Path:
     return folder
 
 
-def run_folders(run: Run, data: dict[str, Path], work: Path, scale: Scale) -> tuple[Path, list[tuple[str, Path]]]:
+def run_folders(run: Run, data: dict[str, Path], work: Path,
+                scale: Scale) -> tuple[Path, list[tuple[str, Path]]]:
     """(dataset the run trains on, [(setting, dataset whose validation split scores it)]): the first
     test set is the training folder's own validation split, the others are scored by evaluate.py."""
     mixes, real, heldout = work / "mixes", data.get("real"), take_shards(data["heldout"], VALID_SPLIT)
@@ -247,23 +253,28 @@ def run_folders(run: Run, data: dict[str, Path], work: Path, scale: Scale) -> tu
             return real, [("real-split", real)]
         extra = take_shards(data[synthetic], TRAIN_SPLIT, scale.mix_frames)
         folder = link_dataset(mixes / f"real+{synthetic}", {
-            TRAIN_SPLIT: [take_shards(real, TRAIN_SPLIT), extra], VALID_SPLIT: [take_shards(real, VALID_SPLIT)]})
+            TRAIN_SPLIT: [take_shards(real, TRAIN_SPLIT), extra],
+            VALID_SPLIT: [take_shards(real, VALID_SPLIT)]})
         return folder, [("real-split", folder)]
     train = [take_shards(data[synthetic], TRAIN_SPLIT)]
     if real is None:
         folder = link_dataset(mixes / f"{synthetic}--heldout", {TRAIN_SPLIT: train, VALID_SPLIT: [heldout]})
         return folder, [("cross-camera", folder)]
-    folder = link_dataset(mixes / f"{synthetic}--real", {TRAIN_SPLIT: train, VALID_SPLIT: [take_shards(real, VALID_SPLIT)]})
-    test = link_dataset(mixes / "heldout", {TRAIN_SPLIT: [heldout], VALID_SPLIT: [heldout]})  # evaluate.py reads both
+    folder = link_dataset(mixes / f"{synthetic}--real",
+                          {TRAIN_SPLIT: train, VALID_SPLIT: [take_shards(real, VALID_SPLIT)]})
+    # evaluate.py reads both
+    test = link_dataset(mixes / "heldout", {TRAIN_SPLIT: [heldout], VALID_SPLIT: [heldout]})
     return folder, [("zero-shot", folder), ("cross-camera", test)]
 
 
 def plan_runs(rows, seeds, with_real: bool, trained_on=("synthetic", "real")) -> list[Run]:
     """Every (row, trained on, seed), the longest first (so the last runs to start are short ones)."""
-    sources = [source for source in ("synthetic", "real") if source in trained_on and (with_real or source != "real")]
+    sources = [source for source in ("synthetic", "real")
+               if source in trained_on and (with_real or source != "real")]
     runs = [Run(row, source, seed) for row in rows for source in sources for seed in seeds]
     return sorted(runs, key=lambda run: -run.row.epochs_factor * (1.5 if run.trained_on == "real"
-                                                                   and run.row.synthetic != "default" else 1.0))
+                                                                   and run.row.synthetic != "default"
+                                                                   else 1.0))
 
 
 # ----------------------------------------------------------------------------- runs
@@ -274,7 +285,8 @@ class RunFailed(UserError):
 def job_env(threads: int) -> dict:
     """The environment of a run: ``threads`` CPU threads for torch and OpenMP, no MLflow logging."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update({name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    env.update({name: str(threads)
+                for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -284,8 +296,8 @@ def call(command: list, log: Path, env: dict) -> None:
     with open(log, "a") as handle:
         handle.write(f"$ {' '.join(str(c) for c in command)}\n")
         handle.flush()
-        code = subprocess.run([str(c) for c in command], stdout=handle, stderr=subprocess.STDOUT, env=env, check=False,
-                              cwd=ROOT).returncode
+        code = subprocess.run([str(c) for c in command], stdout=handle, stderr=subprocess.STDOUT, env=env,
+                              check=False, cwd=ROOT).returncode
     if code:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
         raise RunFailed(f"exit code {code} from {Path(str(command[1])).name}; log {log}:\n{tail}")
@@ -328,8 +340,9 @@ def execute(run: Run, folders, scale: Scale, args, env: dict) -> dict:
         call(evaluate_command(out, test, report, args), out / "evaluate.log", env)
         summary = json.loads((report / "summary.json").read_text())
         scores[setting] = {name: summary.get(name) for name in METRICS}
-    result = {"row": run.row.name, "trained_on": run.trained_on, "seed": run.seed, "epochs": run.epochs(scale),
-              "train_dataset": str(folder), "seconds": round(time.perf_counter() - start, 1), "scores": scores}
+    result = {"row": run.row.name, "trained_on": run.trained_on, "seed": run.seed,
+              "epochs": run.epochs(scale), "train_dataset": str(folder),
+              "seconds": round(time.perf_counter() - start, 1), "scores": scores}
     atomic_write_json(done, result)
     return result
 
@@ -352,16 +365,19 @@ def run_all(runs: list[Run], folders: dict, scale: Scale, args) -> tuple[list[di
                 continue
             results.append(result)
             trained += not result.get("reused")
-            print(f"[{done}/{len(runs)}] {progress_line(run, result, start, trained, len(runs) - done)}", flush=True)
+            print(f"[{done}/{len(runs)}] {progress_line(run, result, start, trained, len(runs) - done)}",
+                  flush=True)
     return results, failures
 
 
 def progress_line(run: Run, result: dict, start: float, trained: int, left: int) -> str:
-    scores = " | ".join(f"{setting} IoU {values['pupil_iou']:.3f}" for setting, values in result["scores"].items())
+    scores = " | ".join(f"{setting} IoU {values['pupil_iou']:.3f}"
+                        for setting, values in result["scores"].items())
     if result.get("reused"):
         return f"{run.key}: reused | {scores}"
     elapsed = time.perf_counter() - start
-    return f"{run.key}: {result['seconds']:.0f} s | {scores} | about {elapsed / trained * left / 60:.1f} min left"
+    return (f"{run.key}: {result['seconds']:.0f} s | {scores} | "
+            f"about {elapsed / trained * left / 60:.1f} min left")
 
 
 # ----------------------------------------------------------------------------- the table
@@ -379,7 +395,8 @@ def summarize(results: list[dict], rows) -> list[dict]:
     cells = []
     for row in rows:
         for setting in SETTINGS:
-            scores = [r["scores"][setting] for r in results if r["row"] == row.name and setting in r["scores"]]
+            scores = [r["scores"][setting] for r in results
+                      if r["row"] == row.name and setting in r["scores"]]
             if scores:
                 cells.append({"row": row.name, "setting": setting, "seeds": len(scores),
                               **{name: spread([s.get(name) for s in scores]) for name in METRICS}})
@@ -395,12 +412,14 @@ def formatted(value: dict | None, digits: int, seeds: int) -> str:
 
 def markdown_table(cells: list[dict], rows) -> str:
     """The README's table: mean ± standard deviation over the seeds, and a legend of the rows."""
-    lines = ["| row | setting | pupil IoU | per-frame IoU median / p10 | centre error px | detection @ 5 px | seeds |",
+    lines = ["| row | setting | pupil IoU | per-frame IoU median / p10 | centre error px | "
+             "detection @ 5 px | seeds |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for cell in cells:
         median, p10 = cell["pupil_iou_median"], cell["pupil_iou_p10"]
         frames = "n/a" if median is None or p10 is None else f"{median['mean']:.3f} / {p10['mean']:.3f}"
-        lines.append(f"| {cell['row']} | {cell['setting']} | {formatted(cell['pupil_iou'], 3, cell['seeds'])} | "
+        lines.append(f"| {cell['row']} | {cell['setting']} | "
+                     f"{formatted(cell['pupil_iou'], 3, cell['seeds'])} | "
                      f"{frames} | {formatted(cell['center_error_px'], 2, cell['seeds'])} | "
                      f"{formatted(cell['detection_rate_5px'], 3, cell['seeds'])} | {cell['seeds']} |")
     used = {cell["row"] for cell in cells}
@@ -468,7 +487,8 @@ def main(args) -> dict:
     print(f"\n{table}\nwrote {args.work_dir / 'results.json'} and {args.work_dir / 'table.md'} "
           f"({summary['wall_seconds']:.0f} s of runs)")
     if failures:
-        raise UserError(f"{len(failures)} of {len(runs)} runs failed (a rerun retries them):\n" + "\n".join(failures))
+        raise UserError(f"{len(failures)} of {len(runs)} runs failed (a rerun retries them):\n"
+                        + "\n".join(failures))
     return summary
 
 

@@ -308,12 +308,12 @@ def _split_average(checkpoint: dict, path, ema, evaluate_only: bool) -> dict:
     average = checkpoint.get("ema")
     if ema is None:
         if average is not None and not evaluate_only:
-            raise CheckpointError(f"cannot resume from {path}: it was trained with --ema {average['decay']:g}; "
-                                  "resume with the same --ema")
+            raise CheckpointError(f"cannot resume from {path}: it was trained with --ema "
+                                  f"{average['decay']:g}; resume with the same --ema")
         return checkpoint
     if average is None:
-        raise CheckpointError(f"cannot resume from {path} with --ema: it was trained without a moving average; "
-                              "resume without --ema (or --ema 0), or start a new run")
+        raise CheckpointError(f"cannot resume from {path} with --ema: it was trained without a moving "
+                              "average; resume without --ema (or --ema 0), or start a new run")
     _load_weights(ema.module, checkpoint["model"], path, checkpoint["model_config"]["name"])
     ema.load_state_dict(average)
     return {**checkpoint, "model": average["online"]}

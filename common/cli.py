@@ -120,8 +120,8 @@ def augment_groups(text: str) -> str:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in (*AUGMENT_GROUPS, "all", "none")]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(AUGMENT_GROUPS)}, or all or none; "
-                                         f"got '{text}'")
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(AUGMENT_GROUPS)}, "
+                                         f"or all or none; got '{text}'")
     if "none" in names:
         if len(set(names)) > 1:
             raise argparse.ArgumentTypeError(f"'none' cannot be combined with other groups, got '{text}'")
@@ -176,7 +176,8 @@ def add_dataset_options(group) -> None:
     group.add_argument("--demo-randomized", nargs="?", const="train", choices=SYNTHETIC_FAMILIES,
                        metavar="FAMILY", action=_ImpliesDemo,
                        help="--demo from the domain-randomized generator (implies --demo): FAMILY "
-                            "train (default) or heldout, whose rendering parameters are disjoint from train's")
+                            "train (default) or heldout, whose rendering parameters are disjoint from "
+                            "train's")
     group.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="cache for Hub and demo data")
     group.add_argument("--size", nargs=2, type=positive_int, metavar=("H", "W"),
                        help="frame size for datasets that store frames as flat lists (default: the dataset's "
@@ -193,7 +194,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, device_data: bool = True
     data.add_argument("--demo", action="store_true", help="use the embedded synthetic dataset")
     data.add_argument("--dataset", type=str,
                       help="a local dataset folder (precompute.py output, or data/{split}/*.parquet shards)")
-    data.add_argument("--hf-repo", default=DEFAULT_HF_REPO, help="Hub dataset (used without --demo/--dataset)")
+    data.add_argument("--hf-repo", default=DEFAULT_HF_REPO,
+                      help="Hub dataset (used without --demo/--dataset)")
     add_dataset_options(data)
     data.add_argument("--num-workers", default=None, type=non_negative_int,
                       help="DataLoader worker processes (default: 0 for precomputed data, which is only "
@@ -222,18 +224,19 @@ def training_parser(description: str, defaults: dict | None = None, add_help: bo
                        help="max gradient norm (0 disables)")
     augment = train.add_mutually_exclusive_group()
     augment.add_argument("--augment", default=DEFAULT_AUGMENT, type=augment_groups, metavar="GROUPS",
-                         help=f"train-split augmentation: a comma list of {', '.join(AUGMENT_GROUPS)}, or all "
-                              f"or none (default: {DEFAULT_AUGMENT}, the flip, lines and blur of earlier runs)")
+                         help=f"train-split augmentation: a comma list of {', '.join(AUGMENT_GROUPS)}, "
+                              f"or all or none (default: {DEFAULT_AUGMENT}, the flip, lines and blur of "
+                              "earlier runs)")
     augment.add_argument("--no-augment", dest="augment", action="store_const", const="none",
                          help="no train-split augmentation (same as --augment none)")
     train.add_argument("--ema", default=DEFAULT_EMA, type=ema_decay, metavar="DECAY",
-                       help="keep an exponential moving average of the weights (e.g. 0.99; 0: off, the default "
-                            f"{DEFAULT_EMA:g}); validation, the best checkpoint, the pictures and the ONNX export "
-                            "use the average")
+                       help="keep an exponential moving average of the weights (e.g. 0.99; 0: off, the "
+                            f"default {DEFAULT_EMA:g}); validation, the best checkpoint, the pictures and "
+                            "the ONNX export use the average")
     train.add_argument("--alpha-floor", default=DEFAULT_ALPHA_FLOOR, type=unit_fraction, metavar="A",
-                       help="segmentation loss CE + alpha*Dice + (1-alpha)*surface: alpha falls from 1 to this "
-                            f"floor over 80%% of the epochs (default {DEFAULT_ALPHA_FLOOR:g}; 1 keeps Dice alone); "
-                            "not used by the ellipse regressor")
+                       help="segmentation loss CE + alpha*Dice + (1-alpha)*surface: alpha falls from 1 to "
+                            f"this floor over 80%% of the epochs (default {DEFAULT_ALPHA_FLOOR:g}; 1 keeps "
+                            "Dice alone); not used by the ellipse regressor")
     train.add_argument("--seed", default=0, type=int)
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

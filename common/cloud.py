@@ -98,7 +98,8 @@ def modal_parser(description: str, default_hf_repo: str | None = None, add_help:
                        help="Modal secret to expose as environment variables, e.g. MLflow's (repeatable)")
     group.add_argument("--detach", action="store_true", help="start the run and return; --fetch it later")
     group.add_argument("--fetch", metavar="RUN", type=parse_run_name,
-                       help="only download run RUN from the volume into --output-dir (default checkpoints/RUN)")
+                       help="only download run RUN from the volume into --output-dir "
+                            "(default checkpoints/RUN)")
     group.add_argument("--local", action="store_true", help="run the same job in-process on this machine")
     return parser
 
@@ -160,7 +161,8 @@ def not_found_message(exc: Exception) -> str:
     if match is None:
         return f"not found on Modal: {exc}"
     kind, name, environment = match.groups()
-    hint = {"Secret": f"create it with `modal secret create {name} KEY=VALUE ...`, or leave out --secret {name}",
+    hint = {"Secret": f"create it with `modal secret create {name} KEY=VALUE ...`, "
+                      f"or leave out --secret {name}",
             "Volume": "`modal volume list` shows this environment's volumes",
             "Environment": "`modal environment list` shows the environments (MODAL_ENVIRONMENT picks one)",
             "App": "`modal app list` shows this environment's apps"}[kind]
@@ -303,11 +305,12 @@ def _submit(args, function, secrets: list) -> dict | None:
         return None
     try:
         result = call.get()
-    except modal.exception.FunctionTimeoutError:  # a subclass of the TimeoutError modal_errors reads as network
+    # a subclass of the TimeoutError modal_errors reads as network
+    except modal.exception.FunctionTimeoutError:
         count = download_run(runs_volume, args.run_name, Path(args.output_dir))
         raise UserError(f"run {args.run_name} hit its {args.timeout_hours:g} h timeout (--timeout-hours) "
-                        f"in its last attempt; downloaded the {count} files it had saved to {args.output_dir}; "
-                        f"continue it with --run-name {args.run_name}") from None
+                        f"in its last attempt; downloaded the {count} files it had saved to "
+                        f"{args.output_dir}; continue it with --run-name {args.run_name}") from None
     summary = job_summary(result)
     count = download_run(runs_volume, args.run_name, Path(args.output_dir))
     print(f"downloaded {count} files of run {args.run_name} to {args.output_dir} "

@@ -84,8 +84,8 @@ def show_predictions(args, spec) -> Path:
     runtime = setup_runtime(args)
     loaders, _ = open_loaders(args, TASKS[task].targets, pin_memory=False)
     model = load_model(Path(args.output_dir) / spec.best_name, device=runtime.device)
-    path = save_prediction_picture(Path(args.output_dir) / "predictions_best.png", model, loaders.valid.dataset,
-                                   task, runtime)
+    path = save_prediction_picture(Path(args.output_dir) / "predictions_best.png", model,
+                                   loaders.valid.dataset, task, runtime)
     _show(path)
     return path
 

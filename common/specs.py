@@ -24,7 +24,8 @@ AUGMENT_GROUPS = ("original", "photometric", "geometric", "occluders")
 # (README, "Transfer to new people and cameras").
 DEFAULT_AUGMENT = "original"
 DEFAULT_EPOCHS = 10
-DEFAULT_EMA = 0.0  # decay of the weights' moving average (--ema); 0 trains and validates the weights as they are
+# decay of the weights' moving average (--ema); 0 trains and validates the weights as they are
+DEFAULT_EMA = 0.0
 DEFAULT_ALPHA_FLOOR = 0.2  # segmentation loss: the lowest weight of Dice against the surface term
 
 
@@ -80,12 +81,15 @@ class TrainSpec:
 
 # model, MLflow model_type and architecture tags, file stem, per-epoch checkpoint name, when it is written
 EFFICIENTVIT = TrainSpec("efficientvit", "TinyEfficientViT",
-                         "EfficientViT-MSRA cascaded group attention, 3 stages, skip decoder", "efficientvit_model",
+                         "EfficientViT-MSRA cascaded group attention, 3 stages, skip decoder",
+                         "efficientvit_model",
                          "efficientvit_model_epoch_{epoch}_miou_{metric:.4f}.pt", "on_improve")
 EFFICIENTVIT_TINY = TrainSpec("efficientvit_micro", "TinyEfficientViT-Micro",
                               "EfficientViT-MSRA micro: embed (8,12,18), decoder 8, heads (1,1,1)",
-                              "efficientvit_tiny_model", "efficientvit_tiny_model_epoch_{epoch}.pt", "on_improve")
-ELLIPSE = TrainSpec("ellipse", "EllipseRegression", "CNN encoder + global pool + sigmoid head (cx, cy, rx, ry)",
+                              "efficientvit_tiny_model", "efficientvit_tiny_model_epoch_{epoch}.pt",
+                              "on_improve")
+ELLIPSE = TrainSpec("ellipse", "EllipseRegression",
+                    "CNN encoder + global pool + sigmoid head (cx, cy, rx, ry)",
                     "ellipse_model", "ellipse_model_epoch_{epoch}.pt", "every_10")
 SHALLOWNET = TrainSpec("shallownet", "ShallowNet",
                        "dense U-Net: 5 densely connected encoder blocks, 4 decoder blocks, separable convs",

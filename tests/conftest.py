@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules; plain helpers (ROOT, clean_env, train, ...) are in tests/helpers.py."""
+"""Fixtures shared by the test modules; plain helpers (ROOT, clean_env, train, ...) are in
+tests/helpers.py."""
 
 import pytest
 

@@ -159,4 +159,5 @@ def run_notebook(notebook, dataset, tmp_path, monkeypatch, kernel_name="python3"
 def pins(path) -> dict[str, str]:
     """{canonical name: version} of the ``name==version`` lines of a requirements or pip freeze file."""
     lines = [line.split("#")[0].strip() for line in Path(path).read_text().splitlines()]
-    return {canonicalize_name(name): version for name, version in (line.split("==") for line in lines if "==" in line)}
+    return {canonicalize_name(name): version
+            for name, version in (line.split("==") for line in lines if "==" in line)}

@@ -81,7 +81,8 @@ def test_flip_with_p1_flips_every_target_and_moves_cx_by_the_pixel_centre_conven
     for key in TARGETS:
         assert torch.equal(out[key], torch.flip(batch[key], dims=[-1])), key
     # W = 48: column x -> 47 - x, so cx = x / 48 -> 47 / 48 - cx.
-    expected = torch.tensor([47 / 48 - 0.25, 47 / 48 - 0.5, 47 / 48 - 0.125, 47 / 48 - 0.75], dtype=torch.float64)
+    expected = torch.tensor([47 / 48 - 0.25, 47 / 48 - 0.5, 47 / 48 - 0.125, 47 / 48 - 0.75],
+                            dtype=torch.float64)
     assert (out["ellipse"][:, 0].double() - expected).abs().max().item() < 1e-7
     assert torch.equal(out["ellipse"][:, 1:], batch["ellipse"][:, 1:])
 
@@ -134,7 +135,8 @@ def test_flipped_cx_matches_a_fit_of_the_flipped_mask_at_full_resolution():
 def hand_params(lines, line_count, centres, angles):
     batch = len(lines)
     return AugmentParams(flip=torch.zeros(batch, dtype=torch.bool), lines=torch.tensor(lines),
-                         line_count=torch.tensor(line_count), centres=torch.tensor(centres, dtype=torch.float32),
+                         line_count=torch.tensor(line_count),
+                         centres=torch.tensor(centres, dtype=torch.float32),
                          angles=torch.tensor(angles, dtype=torch.float32),
                          blur=torch.zeros(batch, dtype=torch.bool), sigma=torch.full((batch,), 2.0))
 
@@ -144,7 +146,8 @@ def test_line_mask_of_hand_placed_lines():
     # second, vertical line is inactive. Sample 1: a vertical line through x = 10.5 (columns 9..12),
     # plus a horizontal one through y = 5.5. Sample 2: not selected, so nothing is drawn.
     params = hand_params(lines=[True, True, False], line_count=[1, 2, 2],
-                         centres=[[[20.0, 15.5], [30.0, 15.5]], [[10.5, 7.0], [3.0, 5.5]], [[20.0, 15.5]] * 2],
+                         centres=[[[20.0, 15.5], [30.0, 15.5]], [[10.5, 7.0], [3.0, 5.5]],
+                                  [[20.0, 15.5]] * 2],
                          angles=[[0.0, math.pi / 2], [math.pi / 2, 0.0], [0.0, 0.0]])
     mask = line_mask(params, 32, 48, thickness=4.0)
     expected = torch.zeros(3, 1, 32, 48, dtype=torch.bool)
@@ -178,7 +181,8 @@ def test_lines_are_white_follow_the_drawn_geometry_and_leave_labels_alone():
 
 def test_lines_are_about_four_pixels_thick_across_a_near_horizontal_line():
     config = AugmentConfig(p_flip=0.0, p_lines=1.0, p_blur=0.0, max_lines=1)
-    out, params = augment_batch({"image": torch.full((200, 1, 64, 96), -1.0)}, gen(1), config, return_params=True)
+    out, params = augment_batch({"image": torch.full((200, 1, 64, 96), -1.0)}, gen(1), config,
+                                return_params=True)
     near_horizontal = (params.angles[:, 0].cos().abs() > 0.98).nonzero().flatten().tolist()
     assert len(near_horizontal) >= 5
     runs = []
@@ -232,7 +236,8 @@ def test_blur_pads_by_reflection_at_the_border():
     image = torch.rand(2, 1, 12, 17, generator=gen(6)) * 2 - 1
     blurred = gaussian_blur(image, torch.tensor([2.0, 5.5]), 7)
     for i, sigma in enumerate((2.0, 5.5)):
-        np.testing.assert_allclose(blurred[i, 0].numpy(), numpy_blur(image[i, 0].double().numpy(), sigma), atol=1e-5)
+        np.testing.assert_allclose(blurred[i, 0].numpy(), numpy_blur(image[i, 0].double().numpy(), sigma),
+                                   atol=1e-5)
 
 
 def test_blur_only_touches_selected_samples_and_p0_changes_nothing():
@@ -363,7 +368,8 @@ def eye_batch(batch_size=6, seed=0, ellipse=False, negative=False, radius=(0.04,
     for i in range(batch_size):
         pupil = preprocess.Ellipse(rng.uniform(0.3, 0.7), rng.uniform(0.35, 0.65), rng.uniform(*radius),
                                    rng.uniform(*radius), rng.uniform(0, 180))
-        iris = preprocess.draw_ellipse(preprocess.Ellipse(pupil.cx, pupil.cy, 2 * pupil.rx, 2 * pupil.rx, 0), H, W)
+        iris = preprocess.draw_ellipse(preprocess.Ellipse(pupil.cx, pupil.cy, 2 * pupil.rx, 2 * pupil.rx, 0),
+                                       H, W)
         mask = preprocess.draw_ellipse(pupil, H, W)
         if negative and i == batch_size - 1:
             mask[:] = 0
@@ -395,13 +401,15 @@ def test_groups_are_presets_and_original_is_todays_default():
     assert every == AugmentConfig.from_groups(",".join(GROUPS))
     for group, probabilities in GROUP_PROBABILITIES.items():
         config = AugmentConfig.from_groups(group)
-        on = {f.name for f in dataclasses.fields(config) if f.name.startswith("p_") and getattr(config, f.name) > 0}
+        on = {f.name for f in dataclasses.fields(config)
+              if f.name.startswith("p_") and getattr(config, f.name) > 0}
         assert on == set(probabilities), group  # a group turns on its parts and nothing else
         assert all(getattr(every, name) == p for name, p in probabilities.items())
     assert set(NEW_PARTS) | {"p_flip", "p_lines", "p_blur"} == {
         f.name for f in dataclasses.fields(AugmentConfig) if f.name.startswith("p_")}
     drawn = {f.name for f in dataclasses.fields(AugmentParams)}
-    assert drawn - {"flip", "lines", "line_count", "centres", "angles", "blur", "sigma"} == set(augment.NEW_PARTS)
+    assert (drawn - {"flip", "lines", "line_count", "centres", "angles", "blur", "sigma"}
+            == set(augment.NEW_PARTS))
     with pytest.raises(AugmentError, match="unknown augmentation group"):
         AugmentConfig.from_groups("original,colour")
 
@@ -504,7 +512,8 @@ def test_warp_moves_the_image_and_the_label_together():
     assert zoom.min() < 0.5 and zoom.max() > 2 and angle.abs().max() > math.radians(15)  # real warps
     for i in range(12):
         label = out["label"][i].numpy().astype(np.uint8)
-        assert label.any() and not (label[0].any() or label[-1].any() or label[:, 0].any() or label[:, -1].any())
+        assert label.any() and not (label[0].any() or label[-1].any() or label[:, 0].any()
+                                    or label[:, -1].any())
         dark = out["image"][i, 0].numpy() < -0.45  # halfway between pupil (-0.8) and iris (-0.1)
         disagree = dark != label.astype(bool)
         edge = np.abs(pixels(preprocess.distance_maps(label))[1])
@@ -526,7 +535,8 @@ def test_warped_weights_and_distance_maps_match_precompute_on_the_warped_label()
     assert params.warp.zoom.min() < 0.5 and params.warp.zoom.max() > 2
     for i in range(8):
         label = out["label"][i].numpy().astype(np.uint8)
-        np.testing.assert_allclose(out["spatial_weights"][i].numpy(), preprocess.spatial_weights(label), atol=1e-6)
+        np.testing.assert_allclose(out["spatial_weights"][i].numpy(), preprocess.spatial_weights(label),
+                                   atol=1e-6)
         error = np.abs(pixels(out["dist_map"][i].numpy()) - pixels(preprocess.distance_maps(label)))
         zoom = float(params.warp.zoom[i])
         assert error.max() <= 1 + zoom / 2, (i, zoom, error.max())
@@ -588,12 +598,15 @@ def test_eyelid_hides_the_pupil_pixels_it_covers_and_the_targets_follow():
         lost = before & ~after
         assert not (after & ~before).any() and lost.any() and after.any(), i
         rows = np.arange(H)[:, None]
-        first_kept = np.where(after, rows, H).min(axis=0) if upper[i] else np.where(after, rows, -1).max(axis=0)
+        first_kept = (np.where(after, rows, H).min(axis=0) if upper[i]
+                      else np.where(after, rows, -1).max(axis=0))
         lost_rows = np.where(lost, rows, -1 if upper[i] else H)
-        assert ((lost_rows.max(axis=0) < first_kept) if upper[i] else (lost_rows.min(axis=0) > first_kept)).all(), i
+        assert ((lost_rows.max(axis=0) < first_kept) if upper[i]
+                else (lost_rows.min(axis=0) > first_kept)).all(), i
         assert (out["image"][i, 0].numpy() != batch["image"][i, 0].numpy())[lost].all(), i  # painted over
         label = after.astype(np.uint8)
-        np.testing.assert_allclose(out["spatial_weights"][i].numpy(), preprocess.spatial_weights(label), atol=1e-6)
+        np.testing.assert_allclose(out["spatial_weights"][i].numpy(), preprocess.spatial_weights(label),
+                                   atol=1e-6)
         truth = pixels(preprocess.distance_maps(label))
         error = np.abs(pixels(out["dist_map"][i].numpy()) - truth)
         near = np.abs(truth[1]) <= 5
@@ -650,7 +663,8 @@ def test_disk_and_line_kernels():
     distance = torch.sqrt(offsets[:, None] ** 2 + offsets[None] ** 2)
     assert torch.allclose(disks.sum(dim=(1, 2)), torch.ones(3))
     for i, r in enumerate(radius.tolist()):
-        assert (disks[i][distance >= r + 0.5] == 0).all() and (disks[i][distance <= r - 0.5] == disks[i, 4, 4]).all()
+        assert ((disks[i][distance >= r + 0.5] == 0).all()
+                and (disks[i][distance <= r - 0.5] == disks[i, 4, 4]).all())
         assert torch.equal(disks[i], disks[i].T) and torch.equal(disks[i], disks[i].flip(0))
     length, angle = torch.tensor([5.0, 12.0, 12.0]), torch.tensor([0.0, math.pi / 6, 2.0])
     lines = line_kernels(length, angle, 15)
@@ -658,7 +672,8 @@ def test_disk_and_line_kernels():
     ys, xs = torch.meshgrid(torch.arange(15.0) - 7, torch.arange(15.0) - 7, indexing="ij")
     for i in range(3):
         w = lines[i].double()
-        cov = torch.tensor([[(w * xs * xs).sum(), (w * xs * ys).sum()], [(w * xs * ys).sum(), (w * ys * ys).sum()]])
+        cov = torch.tensor([[(w * xs * xs).sum(), (w * xs * ys).sum()],
+                            [(w * xs * ys).sum(), (w * ys * ys).sum()]])
         values, vectors = torch.linalg.eigh(cov)
         direction = math.atan2(vectors[1, 1], vectors[0, 1]) % math.pi
         assert abs(math.remainder(direction - angle[i].item(), math.pi)) < math.radians(2), i
@@ -718,7 +733,8 @@ def test_sensor_noise_is_shot_plus_read_noise_in_linear_light(level):
     expected = torch.sqrt(params.noise.shot.value.double() * light + params.noise.read.value.double() ** 2)
     measured = linear.flatten(1).std(dim=1)
     assert torch.allclose(measured, expected, rtol=0.06), (measured, expected)
-    assert torch.allclose(linear.flatten(1).mean(dim=1), torch.full((6,), light, dtype=torch.float64), atol=3e-3)
+    assert torch.allclose(linear.flatten(1).mean(dim=1), torch.full((6,), light, dtype=torch.float64),
+                          atol=3e-3)
 
 
 # ----------------------------------------------------------------------------- engine and devices
@@ -756,8 +772,8 @@ def _seen(augment, epoch: int) -> list[torch.Tensor]:
     model, cpu = _Recorder(), torch.device("cpu")
     runtime = Runtime(cpu, amp=False, compile=False, channels_last=False, pin_memory=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_one_epoch(model, _cpu_batches(), SegmentationTask(1, (H, W), cpu), optimizer, OptimizerStep(runtime),
-                    runtime, epoch, seed=5, augment=augment)
+    train_one_epoch(model, _cpu_batches(), SegmentationTask(1, (H, W), cpu), optimizer,
+                    OptimizerStep(runtime), runtime, epoch, seed=5, augment=augment)
     return model.seen
 
 

@@ -15,7 +15,8 @@ from tests.helpers import ROOT
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_inference", ROOT / "benchmarks" / "bench_inference.py")
+    spec = importlib.util.spec_from_file_location("bench_inference",
+                                                  ROOT / "benchmarks" / "bench_inference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -27,7 +28,8 @@ bench = _load_benchmark()
 def test_the_stages_are_those_predictor_runs():
     """The timed stages, run one by one, give the prediction ``PupilPredictor.predict`` gives."""
     with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(build_model("efficientvit_micro").eval(), Path(folder) / "m.onnx", input_size=(32, 48))
+        path = export_onnx(build_model("efficientvit_micro").eval(), Path(folder) / "m.onnx",
+                           input_size=(32, 48))
         predictor = PupilPredictor(path, threads=1)
         frame = bench.camera_frames(1, (64, 96), seed=0)[0]
         whole = predictor.predict(frame)

@@ -30,7 +30,8 @@ def _load_benchmark():
 bench = _load_benchmark()
 
 
-def write_yolo_export(root: Path, counts=(("train", 12), ("val", 6)), height: int = 160, width: int = 120) -> Path:
+def write_yolo_export(root: Path, counts=(("train", 12), ("val", 6)), height: int = 160,
+                      width: int = 120) -> Path:
     """A YOLO segmentation export like the real one: portrait colour frames (a tinted rendered eye)
     and one normalized pupil polygon per label file, in images/{train,val} and labels/{train,val}."""
     index = 0
@@ -46,7 +47,8 @@ def write_yolo_export(root: Path, counts=(("train", 12), ("val", 6)), height: in
                 if contours and len(max(contours, key=len)) >= 3:
                     break
             points = max(contours, key=len)[:, 0, :] / np.array([width, height])  # (N, 2) x, y in [0, 1]
-            tinted = np.dstack([image * 0.8, image * 0.6, image]).astype(np.uint8)  # BGR, pink like the real set
+            # BGR, pink like the real set
+            tinted = np.dstack([image * 0.8, image * 0.6, image]).astype(np.uint8)
             cv2.imwrite(str(root / "images" / split / f"eye{index}.png"), tinted)
             (root / "labels" / split / f"eye{index}.txt").write_text(
                 "0 " + " ".join(f"{v:.6f}" for v in points.ravel()) + "\n")
@@ -92,7 +94,8 @@ def test_linked_dataset_takes_whole_shards_and_is_kept_when_unchanged(tmp_path):
     assert bench.take_shards(tmp_path / "a", "train") == first
     folder = bench.link_dataset(tmp_path / "mix", {"train": [first[:1], [first[2]]], "validation": [[other]]})
     links = sorted((folder / "data").iterdir())
-    assert [p.name for p in links] == ["train-00000.parquet", "train-10000.parquet", "validation-00000.parquet"]
+    assert [p.name for p in links] == ["train-00000.parquet", "train-10000.parquet",
+                                       "validation-00000.parquet"]
     assert [p.resolve() for p in links] == [first[0], first[2], other]
     stamp = links[0].lstat().st_mtime_ns
     bench.link_dataset(tmp_path / "mix", {"train": [first[:1], [first[2]]], "validation": [[other]]})
@@ -105,8 +108,10 @@ def test_each_run_trains_on_its_rows_data_and_is_scored_on_the_right_splits(tmp_
             _shard(tmp_path / name / "data" / f"{split}-00000-of-00001.parquet", rows, 0)
         return tmp_path / name
 
-    data = {"heldout": dataset("heldout", {"validation": 3}), "real": dataset("real", {"train": 5, "validation": 2}),
-            "synthetic-default": dataset("default", {"train": 4}), "synthetic-randomized": dataset("rand", {"train": 6})}
+    data = {"heldout": dataset("heldout", {"validation": 3}),
+            "real": dataset("real", {"train": 5, "validation": 2}),
+            "synthetic-default": dataset("default", {"train": 4}),
+            "synthetic-randomized": dataset("rand", {"train": 6})}
     scale = bench.SMOKE
     rows = {row.name: row for row in bench.ROWS}
 
@@ -118,12 +123,14 @@ def test_each_run_trains_on_its_rows_data_and_is_scored_on_the_right_splits(tmp_
     folder, tests = bench.run_folders(bench.Run(rows["together"], "real", 0), data, tmp_path / "w", scale)
     assert linked(folder) == {"train-00000.parquet": "real", "train-10000.parquet": "rand",
                               "validation-00000.parquet": "real"}
-    folder, tests = bench.run_folders(bench.Run(rows["geometric"], "synthetic", 0), data, tmp_path / "w", scale)
+    folder, tests = bench.run_folders(bench.Run(rows["geometric"], "synthetic", 0), data, tmp_path / "w",
+                                      scale)
     assert linked(folder) == {"train-00000.parquet": "default", "validation-00000.parquet": "real"}
     assert [setting for setting, _ in tests] == ["zero-shot", "cross-camera"] and tests[0][1] == folder
     assert set(linked(tests[1][1]).values()) == {"heldout"}
     without_real = {k: v for k, v in data.items() if k != "real"}
-    folder, tests = bench.run_folders(bench.Run(rows["ema"], "synthetic", 0), without_real, tmp_path / "w", scale)
+    folder, tests = bench.run_folders(bench.Run(rows["ema"], "synthetic", 0), without_real,
+                                      tmp_path / "w", scale)
     assert linked(folder) == {"train-00000.parquet": "rand", "validation-00000.parquet": "heldout"}
     assert tests == [("cross-camera", folder)]
 
@@ -138,7 +145,8 @@ def test_table_cells_and_lines_come_from_the_runs():
     rows = [bench.ROWS[0]]
     results = [{"row": "baseline", "seed": seed, "scores": {"zero-shot": {
         "pupil_iou": iou, "pupil_iou_median": iou, "pupil_iou_p10": iou / 2, "center_error_px": error,
-        "detection_rate_5px": rate}}} for seed, iou, error, rate in ((0, 0.6, 2.0, 0.5), (1, 0.8, math.nan, 0.7))]
+        "detection_rate_5px": rate}}}
+        for seed, iou, error, rate in ((0, 0.6, 2.0, 0.5), (1, 0.8, math.nan, 0.7))]
     cells = bench.summarize(results, rows)
     assert len(cells) == 1 and cells[0]["seeds"] == 2
     assert cells[0]["pupil_iou"]["mean"] == pytest.approx(0.7)
@@ -150,7 +158,8 @@ def test_table_cells_and_lines_come_from_the_runs():
 
 def test_bad_real_dir_and_size_stop_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        bench.main(bench.get_args_parser().parse_args(["--work-dir", str(tmp_path), "--real-dir", str(tmp_path)]))
+        bench.main(bench.get_args_parser().parse_args(["--work-dir", str(tmp_path),
+                                                       "--real-dir", str(tmp_path)]))
     assert stop.value.code != 0 and "must hold images/ and labels/" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(bench.get_args_parser().parse_args(["--work-dir", str(tmp_path), "--size", "100", "80"]))
@@ -180,8 +189,8 @@ def test_smoke_run_writes_results_and_table_and_a_rerun_reuses_them(tmp_path, ca
     zero_shot = next(r for r in saved["runs"] if r["trained_on"] == "synthetic")["scores"]["zero-shot"]
     assert zero_shot["pupil_iou"] == last["valid_pupil_iou"]
     args = json.loads((synthetic / "args_efficientvit_model.json").read_text())["args"]
-    assert (args["ema"], args["augment"], args["alpha_floor"]) == (0.99, "original,photometric,geometric,occluders",
-                                                                   0.2)
+    assert (args["ema"], args["augment"], args["alpha_floor"]) == (
+        0.99, "original,photometric,geometric,occluders", 0.2)
     # the mix: the real train split and whole shards of randomized frames
     real_train = load_splits(work / "data" / "real", work / "cache")["train"].num_rows
     mixed = load_splits(work / "mixes" / "real+synthetic-randomized", work / "cache")["train"].num_rows

@@ -72,9 +72,11 @@ def test_two_process_training_logs_what_its_checkpoint_scores(trained, tmp_path,
         f"args_{stem}.json", f"best_{stem}.onnx", f"best_{stem}.pt", f"last_{stem}.pt", f"metrics_{stem}.csv",
         f"metrics_{stem}.json", f"predictions_{stem}_epoch_2.png", f"training_curves_{stem}.png"}
     logged = json.loads((out / f"metrics_{stem}.json").read_text())[-1]
-    scored = printed_metrics(run(1, "--test-only", "--batch-size", batch_size, "--resume", str(out / f"last_{stem}.pt"),
-                                 "--output-dir", str(tmp_path / "eval"), data_dir=data, env=env))
-    # metrics only: the loss's Dice/surface balance depends on the epoch, and --test-only scores as the next one
+    scored = printed_metrics(run(1, "--test-only", "--batch-size", batch_size, "--resume",
+                                 str(out / f"last_{stem}.pt"), "--output-dir", str(tmp_path / "eval"),
+                                 data_dir=data, env=env))
+    # metrics only: the loss's Dice/surface balance depends on the epoch, and --test-only scores as
+    # the next one
     scored = {k: v for k, v in scored.items() if "loss" not in k}
     assert len(scored) >= 7
     assert json.dumps({k: logged[k] for k in scored}, sort_keys=True) == json.dumps(scored, sort_keys=True)

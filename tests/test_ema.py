@@ -21,7 +21,8 @@ from common.train.ema import ModelEma
 from common.train.engine import OptimizerStep
 from common.train.runtime import Runtime
 
-CPU_RUNTIME = Runtime(device=torch.device("cpu"), amp=False, compile=False, channels_last=False, pin_memory=False)
+CPU_RUNTIME = Runtime(device=torch.device("cpu"), amp=False, compile=False, channels_last=False,
+                      pin_memory=False)
 
 
 class Small(nn.Module):
@@ -126,7 +127,8 @@ def test_checkpoint_holds_the_average_as_model_and_the_trained_weights_apart(tmp
                if value.is_floating_point())
 
     again, ema_again, optimizer_again, scheduler_again, stepper_again = _trained(1)  # other weights
-    state = resume_training(path, again, optimizer_again, scheduler_again, stepper_again, (32, 48), ema=ema_again)
+    state = resume_training(path, again, optimizer_again, scheduler_again, stepper_again, (32, 48),
+                            ema=ema_again)
     assert state.epoch == 1 and ema_again.updates == 2
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value)
@@ -144,7 +146,8 @@ def test_resume_refuses_a_different_ema_setting_but_evaluation_reads_the_average
     with pytest.raises(CheckpointError, match="trained with --ema 0.9"):
         resume_training(with_average, other, other_optimizer, other_scheduler, other_stepper, (32, 48))
     with pytest.raises(CheckpointError, match="without a moving average"):
-        resume_training(plain, other, other_optimizer, other_scheduler, other_stepper, (32, 48), ema=other_ema)
+        resume_training(plain, other, other_optimizer, other_scheduler, other_stepper, (32, 48),
+                        ema=other_ema)
     resume_training(with_average, other, other_optimizer, other_scheduler, other_stepper, (32, 48),
                     evaluate_only=True)  # --test-only scores the checkpoint's model: the average
     for key, value in ema.module.state_dict().items():

@@ -258,7 +258,8 @@ def test_cosine_floor_is_a_parameter():
 
 
 def test_build_training_schedules_lr_times_the_cosine_factor_per_epoch():
-    args = SimpleNamespace(seed=3, epochs=6, lr=0.004, weight_decay=0.02, clip_grad=0.7, ema=0.0, alpha_floor=0.2)
+    args = SimpleNamespace(seed=3, epochs=6, lr=0.004, weight_decay=0.02, clip_grad=0.7, ema=0.0,
+                           alpha_floor=0.2)
     model, task, optimizer, scheduler, stepper = build_training(args, ELLIPSE, CPU_RUNTIME, (32, 48))
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.02
     assert stepper.clip_grad == 0.7 and not stepper.scaler.is_enabled()

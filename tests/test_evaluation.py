@@ -14,7 +14,8 @@ from common.checkpoint import save_checkpoint
 from common.models import build_model
 from tests.test_training import ROOT, clean_env
 
-TINY = ["--demo", "--demo-samples", "24", "--demo-size", "32", "48", "--batch-size", "4", "--num-workers", "0"]
+TINY = ["--demo", "--demo-samples", "24", "--demo-size", "32", "48", "--batch-size", "4",
+        "--num-workers", "0"]
 STEM = "efficientvit_tiny_model"
 
 
@@ -37,7 +38,8 @@ def split_rows(trained, split: str) -> int:
 
 def run_evaluate(trained, model, out, *extra, capsys):
     """evaluate.main in this process (the script's wiring; a subprocess would only add start-up)."""
-    argv = ["--model", str(model), *TINY, "--data-dir", str(trained / "data"), "--output-dir", str(out), *extra]
+    argv = ["--model", str(model), *TINY, "--data-dir", str(trained / "data"), "--output-dir", str(out),
+            *extra]
     metrics = evaluate.main(evaluate.get_args_parser().parse_args(argv))
     return metrics, capsys.readouterr().out
 
@@ -65,7 +67,8 @@ def test_summary_csv_and_picture(trained, tmp_path, capsys):
     assert summary["frames"] == split_rows(trained, "validation") and summary["without_pupil"] == 0
     assert summary["miou"] == pytest.approx(metrics["iou"], abs=5e-5)
     rows = read_rows(tmp_path / "frames.csv")
-    assert len(rows) == split_rows(trained, "validation") and [int(r["row"]) for r in rows] == list(range(len(rows)))
+    assert (len(rows) == split_rows(trained, "validation")
+            and [int(r["row"]) for r in rows] == list(range(len(rows))))
     assert all(r["filename"].endswith(".png") for r in rows)
     ious = np.array([float(r["pupil_iou"]) for r in rows])
     assert summary["pupil_iou_median"] == pytest.approx(np.median(ious), abs=1e-4)
@@ -92,8 +95,8 @@ def test_same_figures_as_the_training_test_only(trained, tmp_path, capsys):
     line = next(line for line in result.stdout.splitlines() if line.startswith("test-only "))
     training = json.loads(line.removeprefix("test-only "))
     metrics, _ = run_evaluate(trained, checkpoint, tmp_path / "eval", capsys=capsys)
-    for key in ("iou", "pupil_iou", "pupil_iou_median", "pupil_iou_p10", "center_error_px", "detection_rate_5px",
-                "missed"):
+    for key in ("iou", "pupil_iou", "pupil_iou_median", "pupil_iou_p10", "center_error_px",
+                "detection_rate_5px", "missed"):
         assert metrics[key] == pytest.approx(training[f"valid_{key}"], rel=1e-9, nan_ok=True), key
 
 
@@ -104,7 +107,8 @@ def test_onnx_export_agrees_with_the_checkpoint(trained, tmp_path, capsys):
     onnx, _ = run_evaluate(trained, run / f"best_{STEM}.onnx", tmp_path / "onnx", capsys=capsys)
     assert onnx["pupil_iou"] == pytest.approx(pt["pupil_iou"], abs=0.01)
     assert onnx["center_error_px"] == pytest.approx(pt["center_error_px"], abs=0.05, nan_ok=True)
-    per_frame = [[float(r["pupil_iou"]) for r in read_rows(tmp_path / name / "frames.csv")] for name in ("pt", "onnx")]
+    per_frame = [[float(r["pupil_iou"]) for r in read_rows(tmp_path / name / "frames.csv")]
+                 for name in ("pt", "onnx")]
     assert per_frame[1] == pytest.approx(per_frame[0], abs=0.02)
 
 
@@ -118,7 +122,8 @@ def test_train_split_every_row_once(trained, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_model_of_another_frame_size_is_refused(trained, tmp_path, capsys):
-    path = save_checkpoint(tmp_path / "other.pt", model=build_model("efficientvit_micro"), input_size=(64, 96))
+    path = save_checkpoint(tmp_path / "other.pt", model=build_model("efficientvit_micro"),
+                           input_size=(64, 96))
     with pytest.raises(SystemExit) as exit_info:
         run_evaluate(trained, path, tmp_path / "out", capsys=capsys)
     assert exit_info.value.code != 0

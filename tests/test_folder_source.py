@@ -89,7 +89,8 @@ def test_folder_binary_masks_round_trip(tmp_path, scale):
     image, mask, info = load_folder_sample(dataset.samples[0], dataset.mask_format, size=(H, W))
     np.testing.assert_array_equal(mask, pupil)
     np.testing.assert_array_equal(image, gray_image(seed=0))
-    assert info == {"orig_h": H, "orig_w": W, "scale": 1.0, "pad_top": 0, "pad_left": 0, "out_h": H, "out_w": W}
+    assert info == {"orig_h": H, "orig_w": W, "scale": 1.0, "pad_top": 0, "pad_left": 0, "out_h": H,
+                    "out_w": W}
 
 
 def test_folder_class_index_masks_with_pupil_class(tmp_path):

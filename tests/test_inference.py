@@ -238,7 +238,8 @@ def test_video_with_roi_reports_full_frame_pixels(trained, tmp_path):
     rng = np.random.default_rng(8)
     x, y = 30, 20  # the ROI's corner; the eye fills the ROI, the rest of the frame is flat
     path = tmp_path / "wide.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (MODEL_SIZE[1] + 60, MODEL_SIZE[0] + 44))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10,
+                             (MODEL_SIZE[1] + 60, MODEL_SIZE[0] + 44))
     truths = []
     for _ in range(3):
         eye, truth = eye_frame(rng, *MODEL_SIZE)
@@ -255,7 +256,8 @@ def test_video_with_roi_reports_full_frame_pixels(trained, tmp_path):
         in_crop = {**row, "cx_px": str(float(row["cx_px"]) - x), "cy_px": str(float(row["cy_px"]) - y)}
         name = f"wide_{int(row['frame']):06d}"
         check_against_truth(in_crop, out / "masks" / f"{name}.png", truths[int(row["frame"])], MODEL_SIZE)
-    outside = run_predict("--model", trained["pt"], "--input", path, "--output-dir", out, "--roi", 100, 0, 200, 50)
+    outside = run_predict("--model", trained["pt"], "--input", path, "--output-dir", out,
+                          "--roi", 100, 0, 200, 50)
     assert outside.returncode != 0 and "Traceback" not in outside.stderr
     assert "lies outside the 220x140" in outside.stderr
 

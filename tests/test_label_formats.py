@@ -27,7 +27,8 @@ from tests.test_training import ROOT
 H, W = 32, 48
 # A compressed RLE written by pycocotools (mask.encode) for RLE_MASK, and its counts uncompressed.
 RLE_STRING = "b4:g0O1O1O1O1O1O1O1O1O[57^J000000000000000000000j?"
-RLE_COUNTS = [146, 10, 23, 9, 24, 8, 25, 7, 26, 6, 27, 5, 28, 4, 29, 3, 30, 2, 31, 1, 202] + [8, 24] * 11 + [8, 530]
+RLE_COUNTS = ([146, 10, 23, 9, 24, 8, 25, 7, 26, 6, 27, 5, 28, 4, 29, 3, 30, 2, 31, 1, 202]
+              + [8, 24] * 11 + [8, 530])
 
 
 def rectangle(x0, y0, x1, y1) -> np.ndarray:
@@ -123,12 +124,14 @@ def masks_of(dataset) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- rasterization
 def test_fill_poly_matches_the_hand_made_masks():
     np.testing.assert_array_equal(polygon_mask([np.array(RECT, float)], H, W), EXPECTED["a"])
-    np.testing.assert_array_equal(polygon_mask([np.array(TRI, float), np.array(SMALL, float)], H, W), EXPECTED["b"])
+    np.testing.assert_array_equal(polygon_mask([np.array(TRI, float), np.array(SMALL, float)], H, W),
+                                  EXPECTED["b"])
     # vertices round to the nearest pixel centre (halves up) and are clipped into the frame
     shifted = np.array(RECT, float) + (0.49, -0.5)
     np.testing.assert_array_equal(polygon_mask([shifted], H, W), rectangle(6, 4, 17, 11))
-    np.testing.assert_array_equal(polygon_mask([np.array([(40, 24), (60, 24), (60, 40), (40, 40)], float)], H, W),
-                                  rectangle(40, 24, 47, 31))
+    np.testing.assert_array_equal(
+        polygon_mask([np.array([(40, 24), (60, 24), (60, 40), (40, 40)], float)], H, W),
+        rectangle(40, 24, 47, 31))
 
 
 def test_rle_string_and_counts_decode_to_the_same_mask():
@@ -157,11 +160,13 @@ def test_yolo_labels_give_the_hand_made_masks(tmp_path):
 
 def test_yolo_class_named_in_data_yaml(tmp_path):
     write_yolo(tmp_path / "images", tmp_path / "labels")
-    (tmp_path / "data.yaml").write_text("path: /somewhere/else\ntrain: images/train\nnames: ['eye', 'pupil']\n")
+    (tmp_path / "data.yaml").write_text("path: /somewhere/else\ntrain: images/train\n"
+                                        "names: ['eye', 'pupil']\n")
     dataset = discover_folder(tmp_path)  # --label pupil: class 1
     assert dataset.mask_format.pupil_class == 1 and dataset.pupil == "class 1 'pupil'"
     assert discover_folder(tmp_path, pupil_class="eye").mask_format.pupil_class == 0
-    with pytest.raises(FolderImportError, match=r"no YOLO class named 'iris' \(classes: 0 'eye', 1 'pupil'\)"):
+    with pytest.raises(FolderImportError,
+                       match=r"no YOLO class named 'iris' \(classes: 0 'eye', 1 'pupil'\)"):
         discover_folder(tmp_path, pupil_class="iris")
     (tmp_path / "data.yaml").unlink()
     assert discover_folder(tmp_path).mask_format.pupil_class == 0  # without names: class 0
@@ -183,18 +188,21 @@ def test_ultralytics_split_folders_are_the_splits(tmp_path):
 
 def test_roboflow_yolo_and_coco_split_layouts(tmp_path):
     for folder, stems in (("train", ("a", "b")), ("valid", ("c", "e", "f"))):
-        write_yolo(tmp_path / "yolo" / folder / "images", tmp_path / "yolo" / folder / "labels", stems=("a", "b"))
+        write_yolo(tmp_path / "yolo" / folder / "images", tmp_path / "yolo" / folder / "labels",
+                   stems=("a", "b"))
         write_coco(tmp_path / "coco" / folder, stems=stems)
     for folder in ("train", "valid"):  # names must be unique across the splits
         for path in list((tmp_path / "yolo" / folder).rglob("*.*")):
             path.rename(path.with_name(f"{folder}_{path.name}"))
     yolo = discover_folder(tmp_path / "yolo", pupil_class=1)
     assert {s.name: s.split for s in yolo.samples} == {"train_a.png": "train", "train_b.png": "train",
-                                                       "valid_a.png": "validation", "valid_b.png": "validation"}
+                                                       "valid_a.png": "validation",
+                                                       "valid_b.png": "validation"}
     coco = discover_folder(tmp_path / "coco")
     assert coco.pupil == "category 7 'Pupil'"
-    assert {s.name: s.split for s in coco.samples} == {"a.png": "train", "b.png": "train", "c.png": "validation",
-                                                       "e.png": "validation", "f.png": "validation"}
+    assert {s.name: s.split for s in coco.samples} == {"a.png": "train", "b.png": "train",
+                                                       "c.png": "validation", "e.png": "validation",
+                                                       "f.png": "validation"}
     np.testing.assert_array_equal(masks_of(coco)["e"], RLE_MASK)
 
 
@@ -239,15 +247,18 @@ def test_coco_polygons_and_rle_give_the_hand_made_masks(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d["annotations"][0].update(image_id=999), r"annotation 0 \(id 1\): image_id 999 is not in 'images'"),
+    (lambda d: d["annotations"][0].update(image_id=999),
+     r"annotation 0 \(id 1\): image_id 999 is not in 'images'"),
     (lambda d: d["annotations"][-1]["segmentation"].update(size=[16, 48]), r"RLE size \[16, 48\] differs"),
     (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]), "at least 3 points"),
     (lambda d: d["annotations"][0].update(segmentation=[]), r"no segmentation \(a detection export\?\)"),
     (lambda d: d["annotations"][0].update(segmentation=[[0, 0, 60, 0, 0, 9]]), "outside the 48x32 image"),
     (lambda d: d["images"].append({"id": 1, "file_name": "gone.png", "width": W, "height": H}),
      r"1 listed image\(s\) are not in .*: gone\.png"),
-    (lambda d: d["categories"][1].update(name="cornea"), r"no category named 'pupil' \(categories: 3 'iris', 7 'cornea'\)"),
-    (lambda d: d["annotations"][0].update(category_id=5), r"annotation 0 \(id 1\): category_id 5 is not in 'categories'"),
+    (lambda d: d["categories"][1].update(name="cornea"),
+     r"no category named 'pupil' \(categories: 3 'iris', 7 'cornea'\)"),
+    (lambda d: d["annotations"][0].update(category_id=5),
+     r"annotation 0 \(id 1\): category_id 5 is not in 'categories'"),
 ])
 def test_malformed_coco_names_file_and_annotation(tmp_path, change, message):
     data = coco_file(("a", "b", "c", "d", "e", "f"))
@@ -267,15 +278,16 @@ def test_coco_syntax_error_names_the_line_and_a_wrong_size_the_image(tmp_path):
     data["annotations"] = data["annotations"][:1]  # no region outside 64 wide, so the file is valid
     write_coco(tmp_path / "size", stems=("a", "b"), data=data)
     dataset = discover_folder(tmp_path / "size")
-    with pytest.raises(FolderImportError, match=r"image b\.png is 32x48 on disk but 32x64 in the annotations"):
+    with pytest.raises(FolderImportError,
+                       match=r"image b\.png is 32x48 on disk but 32x64 in the annotations"):
         masks_of(dataset)
 
 
 # ----------------------------------------------------------------------------- precompute.py
 def run_precompute(*args):
     return subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--source", "folder", "--no-push",
-                           "--workers", "1", "--size", "native", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+                           "--workers", "1", "--size", "native", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -290,7 +302,8 @@ def test_precompute_imports_an_ultralytics_export(tmp_path):
     assert "5 images (yolo layout, pupil = class 1 'pupil'): train 4 (2 with a pupil), validation 1 (1 with" \
            in result.stdout
     dataset = load_output(tmp_path / "out")
-    rows = {row["filename"]: np.asarray(row["label"], np.uint8) for split in dataset.values() for row in split}
+    rows = {row["filename"]: np.asarray(row["label"], np.uint8)
+            for split in dataset.values() for row in split}
     assert sorted(rows) == ["a.png", "b.png", "v.png"]
     for name, stem in (("a.png", "a"), ("b.png", "b"), ("v.png", "b")):
         np.testing.assert_array_equal(rows[name], EXPECTED[stem])

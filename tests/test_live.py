@@ -38,7 +38,8 @@ FRAMES, FPS = 300, 100.0
 BLINK = range(150, 170)
 STATS_LINE = re.compile(r"^fps [\d.]+ \| ms grab [\d.]+, preprocess [\d.]+, model [\d.]+, "
                         r"decode\+ellipse [\d.]+, display - \| dropped \d+$", re.M)
-SUMMARY = re.compile(r"(\d+) frames read from .*: (\d+) predicted \(([\d.]+) fps\), (\d+) dropped, (\d+) blinks")
+SUMMARY = re.compile(r"(\d+) frames read from .*: (\d+) predicted \(([\d.]+) fps\), "
+                     r"(\d+) dropped, (\d+) blinks")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,7 +110,8 @@ def test_every_frame_gives_one_row_per_frame_with_blinks(every_frame_run):
     for index, row in enumerate(rows):
         if index not in BLINK:
             (x, y), _, _ = preprocess.ellipse_to_pixels(truth_at(index), *MODEL_SIZE)
-            errors.append(math.hypot(float(row["cx"]) * MODEL_SIZE[1] - x, float(row["cy"]) * MODEL_SIZE[0] - y))
+            errors.append(math.hypot(float(row["cx"]) * MODEL_SIZE[1] - x,
+                                     float(row["cy"]) * MODEL_SIZE[0] - y))
             assert 0.5 < float(row["confidence"]) <= 1.0
     assert np.median(errors) < 0.75 and max(errors) < 2.0  # pixels
     summary = summary_of(result.stdout)
@@ -216,7 +218,8 @@ def start_camera(trained, video, out: Path) -> subprocess.Popen:
     env = {**os.environ, live.CAMERA_VIDEO_ENV: str(video)}
     command = [sys.executable, "predict.py", "--model", str(trained["pt"]), "--camera", "0", "--headless",
                "--output-dir", str(out)]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def wait_for_rows(path: Path, count: int, process: subprocess.Popen) -> None:
@@ -330,7 +333,8 @@ def test_csv_log_flushes_whole_rows_then_renames(tmp_path):
     ellipse = Ellipse(0.5, 0.25, 0.1, 0.05, 30.0)
     log.add(live.live_row(1, 0.01, ellipse, 0.9, False))
     assert log.close() == path and not partial.exists()
-    assert path.read_text().splitlines()[2] == "1,0.010000,0.500000,0.250000,0.100000,0.050000,30.000000,0.900000,0"
+    assert path.read_text().splitlines()[2] == ("1,0.010000,0.500000,0.250000,0.100000,0.050000,"
+                                                "30.000000,0.900000,0")
 
 
 def test_pupil_confidence_by_hand():

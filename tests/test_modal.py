@@ -189,7 +189,8 @@ def test_not_authenticated_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("flags, message", [(["--gpu", "X100"], "unknown GPU"),
                                              (["--timeout-hours", "30"], "must be in (0, 24]"),
                                              (["--run-name", "../up"], "letters, digits"),
-                                             (["--init", "weights.pt"], "--init reads a file on this machine")])
+                                             (["--init", "weights.pt"],
+                                              "--init reads a file on this machine")])
 def test_bad_flag_is_rejected_before_anything_is_sent(flags, message, tmp_path):
     # Fake credentials and an unroutable server: a launcher that contacted Modal would hang and fail later.
     env = no_modal_env(tmp_path, MODAL_TOKEN_ID="ak-x", MODAL_TOKEN_SECRET="as-x", MODAL_SERVER_URL="http://127.0.0.1:9")
@@ -206,7 +207,8 @@ NO_PROFILE = ("Modal profile 'work' was not found in /home/u/.modal.toml. Run `m
 
 
 @pytest.mark.parametrize("raised, kind, words", [
-    (modal.exception.AuthError(TOKEN_MISSING), ConfigurationError, "not authenticated (Token missing): run `modal token new`"),
+    (modal.exception.AuthError(TOKEN_MISSING), ConfigurationError,
+     "not authenticated (Token missing): run `modal token new`"),
     (modal.exception.AuthError(NO_PROFILE), ConfigurationError,
      "(Modal profile 'work' was not found in /home/u/.modal.toml): run `modal token new`"),
     (modal.exception.InvalidError("Modal token credentials and OAuth credentials cannot both be configured."),
@@ -277,7 +279,8 @@ LOCAL_CALL = "ignore:The train_remote function is executing locally"
 @pytest.mark.filterwarnings(LOCAL_CALL)
 def test_remote_body_trains_on_the_volumes_and_resumes_by_itself(volumes, capsys):
     script = load_script("train.py")
-    summary = cloud_job.job_summary(script.train_remote.local(job_config(script, "shallow-a", "--epochs", "1")))
+    summary = cloud_job.job_summary(
+        script.train_remote.local(job_config(script, "shallow-a", "--epochs", "1")))
     run = volumes.runs / "shallow-a"
     assert {"best_shallow_model.pt", "last_shallow_model.pt", "shallow_model_epoch_1.pt",
             "best_shallow_model.onnx", "metrics_shallow_model.json"} <= {p.name for p in run.iterdir()}
@@ -313,7 +316,8 @@ def test_several_gpus_start_torchrun_and_the_function_process_commits(volumes, c
     run = volumes.runs / "vit-2"
     volume = RecordingVolume(run)
     monkeypatch.setattr(modal, "is_local", lambda: False)
-    monkeypatch.setattr(modal.Volume, "from_name", lambda name, **_: volume if name == cloud.RUNS_VOLUME else None)
+    monkeypatch.setattr(modal.Volume, "from_name",
+                        lambda name, **_: volume if name == cloud.RUNS_VOLUME else None)
     monkeypatch.setattr(cloud_job, "COMMIT_PERIOD_S", 0.5)
     config = job_config(script, "vit-2", "--epochs", "2", "--gpu", "T4:2", "--device", "cpu",
                         "--demo-samples", "24")
@@ -337,7 +341,8 @@ def test_a_user_error_comes_back_as_a_record_and_is_raised_as_the_same_line(volu
     # Returned, not raised: Modal's Retries would re-run a raised error on a new GPU container.
     script = load_script("train_ellipse.py")
     record = script.train_remote.local(job_config(script, "e1", "--resume", "gone/last_ellipse_model.pt"))
-    assert record["exit_code"] == 1 and record["error"].startswith("--resume gone/last_ellipse_model.pt: no such")
+    assert record["exit_code"] == 1 and record["error"].startswith(
+        "--resume gone/last_ellipse_model.pt: no such")
     record = pickle.loads(pickle.dumps(record))  # how Modal returns a result
     with pytest.raises(UserError) as caught:
         cloud_job.job_summary(record)
@@ -417,8 +422,9 @@ def test_a_run_that_loses_the_download_race_keeps_the_winners_copy(tmp_path):
         (dest / "data").mkdir(parents=True)
         (dest / "data" / "mine.parquet").write_bytes(b"loser")
         # Meanwhile another run completes the same dataset.
-        cloud_job.volume_dataset(repo, tmp_path, "winner", download=lambda r, d: (d / "data").mkdir(parents=True)
-                             or (d / "data" / "theirs.parquet").write_bytes(b"winner"))
+        cloud_job.volume_dataset(repo, tmp_path, "winner",
+                                 download=lambda r, d: (d / "data").mkdir(parents=True)
+                                 or (d / "data" / "theirs.parquet").write_bytes(b"winner"))
 
     path = cloud_job.volume_dataset("team/eyes", tmp_path, "loser", download=slow_download)
     assert sorted(p.name for p in (path / "data").iterdir()) == ["theirs.parquet"]
@@ -481,7 +487,8 @@ def volume_with_run(root: Path, run: str = "r1") -> FolderVolume:
     return FolderVolume(root)
 
 
-def test_fetch_downloads_a_run_into_checkpoints_and_a_cut_download_can_be_rerun(tmp_path, monkeypatch, capsys):
+def test_fetch_downloads_a_run_into_checkpoints_and_a_cut_download_can_be_rerun(tmp_path, monkeypatch,
+                                                                                 capsys):
     script = load_script("train.py")
     volume = volume_with_run(tmp_path / "volume")
     monkeypatch.setattr(modal.Volume, "from_name", lambda name, **_: volume)
@@ -558,7 +565,8 @@ def test_detach_spawns_returns_and_prints_the_fetch_command(runs_volume, tmp_pat
 
 def test_a_job_user_error_is_raised_as_its_line_and_exit_code(runs_volume, tmp_path):
     with pytest.raises(UserError, match="^--hf-repo nobody/none: no such dataset on the Hub$") as caught:
-        submit(StandInFunction({"error": "--hf-repo nobody/none: no such dataset on the Hub", "exit_code": 2}))
+        submit(StandInFunction({"error": "--hf-repo nobody/none: no such dataset on the Hub",
+                                "exit_code": 2}))
     assert caught.value.exit_code == 2 and not (tmp_path / "checkpoints").exists()
 
 
@@ -566,7 +574,8 @@ def test_a_timeout_says_timeout_and_downloads_what_the_volume_holds(runs_volume,
     # FunctionTimeoutError is a kind of Modal's TimeoutError, which modal_errors reads as a network fault.
     assert issubclass(modal.exception.FunctionTimeoutError, modal.exception.TimeoutError)
     with pytest.raises(UserError) as caught:
-        submit(StandInFunction(modal.exception.FunctionTimeoutError("Function timed out")), "--timeout-hours", "2")
+        submit(StandInFunction(modal.exception.FunctionTimeoutError("Function timed out")),
+               "--timeout-hours", "2")
     assert str(caught.value).startswith("run r1 hit its 2 h timeout (--timeout-hours) in its last attempt; "
                                         "downloaded the 2 files it had saved to checkpoints/r1")
     assert (tmp_path / "checkpoints" / "r1" / "best.pt").read_bytes() == b"0123456789"
@@ -609,13 +618,15 @@ def test_secrets_are_optional_and_checked_before_the_app_runs(monkeypatch):
                             lambda name, env=environment, **_: StandInSecret(name, {"mlflow"}, env))
         app = StandInApp()
         with pytest.raises(ConfigurationError, match=message):
-            cloud.launch(parse(["--secret", "mlflow", "--secret", "hf"]), SHALLOWNET, script.train_remote, app)
+            cloud.launch(parse(["--secret", "mlflow", "--secret", "hf"]), SHALLOWNET, script.train_remote,
+                         app)
         assert app.runs == [] and submitted == []
     monkeypatch.setattr(modal.Secret, "from_name", lambda name, **_: StandInSecret(name, {"mlflow"}))
     app = StandInApp()
     cloud.launch(parse(["--secret", "mlflow"]), SHALLOWNET, script.train_remote, app)
     cloud.launch(parse([]), SHALLOWNET, script.train_remote, app)  # no secret at all
-    assert app.runs == [False, False] and [[s.name for s in secrets] for secrets in submitted] == [["mlflow"], []]
+    assert (app.runs == [False, False]
+            and [[s.name for s in secrets] for secrets in submitted] == [["mlflow"], []])
 
 
 @pytest.fixture

@@ -48,9 +48,11 @@ def common_imports(path: Path, module: str):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).rstrip(".")
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + [base]).rstrip(".")
             names = [f"{base}.{alias.name}" for alias in node.names]
-            targets = [name if name.rpartition(".")[0] == base and _is_module(name) else base for name in names]
+            targets = [name if name.rpartition(".")[0] == base and _is_module(name) else base
+                       for name in names]
         elif isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         else:
@@ -86,8 +88,10 @@ def test_launcher_imports_only_launcher_modules_at_module_level(module):
 
 def test_launcher_side_imports_no_torch():
     code = ("import sys\nimport " + ", ".join(LAUNCHER) +
-            "\nheavy = sorted(m for m in ('torch', 'numpy', 'cv2', 'datasets') if m in sys.modules)\nprint(heavy)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+            "\nheavy = sorted(m for m in ('torch', 'numpy', 'cv2', 'datasets') if m in sys.modules)"
+            "\nprint(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

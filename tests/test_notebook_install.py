@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("versions, expected", [
     ({}, ["numpy>=2.1", "huggingface_hub>=1.27"]),                            # missing
-    ({"numpy": "2.0.2", "huggingface-hub": "1.27.0"}, ["numpy>=2.1"]),         # below the floor; name spelling
+    ({"numpy": "2.0.2", "huggingface-hub": "1.27.0"}, ["numpy>=2.1"]),        # below the floor; name spelling
     ({"numpy": "2.1.0", "huggingface-hub": "2.4.0"}, []),                     # at and above
     ({"numpy": "2.1.0rc1", "huggingface-hub": "1.28.0.dev0"}, ["numpy>=2.1"]),  # a pre-release is below 2.1
-    ({"numpy": "2.1-legacy-build", "huggingface-hub": "1.27"}, ["numpy>=2.1"]),  # pip replaces what it cannot read
+    # pip replaces what it cannot read
+    ({"numpy": "2.1-legacy-build", "huggingface-hub": "1.27"}, ["numpy>=2.1"]),
 ])
 def test_unmet_requirements(versions, expected):
     assert unmet(["numpy>=2.1", "huggingface_hub>=1.27"], versions) == expected

@@ -50,7 +50,8 @@ def test_template_fields_are_all_filled_and_colab_torch_is_kept(name):
     cells = ["".join(c["source"]) for c in build.build(name)["cells"]]
     source = "".join(text for text in cells if not text.startswith("%%writefile"))
     assert "{{" not in source and build.NOTEBOOKS[name]["DATASET"] in source
-    assert not [line for line in NOTEBOOK_REQUIREMENTS if line.startswith("torch")]  # Colab's CUDA torch stays
+    # Colab's CUDA torch stays
+    assert not [line for line in NOTEBOOK_REQUIREMENTS if line.startswith("torch")]
 
 
 @pytest.mark.parametrize("name", sorted(build.NOTEBOOKS))
@@ -58,7 +59,8 @@ def test_install_cell_is_common_notebook_install_and_comes_before_torch(name):
     cells = ["".join(c["source"]) for c in build.build(name)["cells"] if c["cell_type"] == "code"]
     installer = (ROOT / "common" / "notebook_install.py").read_text().strip("\n")
     install = [i for i, text in enumerate(cells) if installer in text]
-    assert len(install) == 1 and cells[install[0]].rstrip().endswith("ensure_requirements(NOTEBOOK_REQUIREMENTS)")
+    assert len(install) == 1 and cells[install[0]].rstrip().endswith(
+        "ensure_requirements(NOTEBOOK_REQUIREMENTS)")
     torch_first = min(i for i, text in enumerate(cells) if "import torch" in text)
     assert install[0] < torch_first  # no cell before the install imports torch (and so numpy)
     assert not any(text.startswith("%%writefile") for text in cells[:install[0]])

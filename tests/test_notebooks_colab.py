@@ -43,7 +43,8 @@ VERSIONS = ("import json\nfrom common.notebook_install import installed_versions
 
 
 def venv_versions(python: Path) -> dict[str, str]:
-    result = subprocess.run([str(python), "-c", VERSIONS], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run([str(python), "-c", VERSIONS], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
     return json.loads(result.stdout)
 
 
@@ -52,7 +53,8 @@ def execute(cells: list[str], work: Path) -> nbformat.NotebookNode:
     outputs so far on the exception's ``notebook``."""
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(text) for text in cells])
     try:
-        NotebookClient(notebook, timeout=600, kernel_name=KERNEL, resources={"metadata": {"path": str(work)}}).execute()
+        NotebookClient(notebook, timeout=600, kernel_name=KERNEL,
+                       resources={"metadata": {"path": str(work)}}).execute()
     except Exception as exc:
         exc.notebook = notebook
         raise
@@ -74,8 +76,8 @@ def make_colab_kernel(root: Path) -> Path:
     startup = root / "ipython" / "profile_default" / "startup"
     startup.mkdir(parents=True)
     (startup / "00-colab.py").write_text(STARTUP)
-    subprocess.run([str(python), "-m", "ipykernel", "install", "--prefix", str(root / "jupyter"), "--name", KERNEL],
-                   check=True, capture_output=True)
+    subprocess.run([str(python), "-m", "ipykernel", "install", "--prefix", str(root / "jupyter"),
+                    "--name", KERNEL], check=True, capture_output=True)
     spec_path = root / "jupyter" / "share" / "jupyter" / "kernels" / KERNEL / "kernel.json"
     spec = json.loads(spec_path.read_text())
     spec["env"] = {"IPYTHONDIR": str(root / "ipython")}

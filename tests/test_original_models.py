@@ -203,8 +203,8 @@ def test_export_py_writes_fp32_and_int8_of_a_plain_state_dict(released_layout, d
 @pytest.mark.slow
 def test_init_fine_tunes_a_plain_state_dict(released_layout, demo_data_dir, tmp_path):
     model, path = released_layout
-    result = run("train_efficientvit_local.py", "--demo", *demo_data_flags(demo_data_dir), "--batch-size", "8",
-                 "--num-workers", "0", "--epochs", "1", "--lr", "1e-9", "--init", path,
+    result = run("train_efficientvit_local.py", "--demo", *demo_data_flags(demo_data_dir),
+                 "--batch-size", "8", "--num-workers", "0", "--epochs", "1", "--lr", "1e-9", "--init", path,
                  "--output-dir", tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"initialized from {path}: 'efficientvit_original' weights" in result.stdout

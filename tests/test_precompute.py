@@ -73,7 +73,8 @@ def test_rerun_skips_complete_shards(synthetic40, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     mtimes = {p.name: p.stat().st_mtime_ns for p in (copy / "data").iterdir()}
-    result = run_cli("--synthetic", 40, "--no-push", "--raw-dir", raw, "--output-dir", copy, "--shard-size", 8)
+    result = run_cli("--synthetic", 40, "--no-push", "--raw-dir", raw, "--output-dir", copy,
+                     "--shard-size", 8)
     assert result.returncode == 0, result.stderr
     assert "0 shards written" in result.stdout
     assert "generating" not in result.stdout  # the raw data of the same --synthetic run is reused
@@ -179,7 +180,8 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
     _write_sample(raw, "train", "bad_classes", image, np.where(label == 2, 7, label).astype(np.uint8))
     _write_sample(raw, "train", "rgb", cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), label)
     (raw / "train" / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result = run_cli("--skip-download", "--raw-dir", raw, "--output-dir", out, "--no-push", "--splits", "train")
+    result = run_cli("--skip-download", "--raw-dir", raw, "--output-dir", out, "--no-push",
+                     "--splits", "train")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     reasons = {s["file"]: s["reason"] for s in manifest["skipped"]}
@@ -197,13 +199,14 @@ def test_all_skipped_stops_with_a_useful_error(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     for i in range(3):
         _write_sample(raw, "train", f"s{i}", *_good_pair(480, 640))
-    result = run_cli("--skip-download", "--raw-dir", raw, "--output-dir", out, "--no-push", "--splits", "train")
+    result = run_cli("--skip-download", "--raw-dir", raw, "--output-dir", out, "--no-push",
+                     "--splits", "train")
     assert result.returncode != 0
     assert "all 3 samples of split 'train' were skipped" in result.stderr
     assert "(480, 640)" in result.stderr and "--size" in result.stderr and "--letterbox" in result.stderr
     assert "Traceback" not in result.stderr
-    fixed = run_cli("--skip-download", "--raw-dir", raw, "--output-dir", out, "--no-push", "--splits", "train",
-                    "--letterbox")
+    fixed = run_cli("--skip-download", "--raw-dir", raw, "--output-dir", out, "--no-push",
+                    "--splits", "train", "--letterbox")
     assert fixed.returncode == 0, fixed.stderr
     assert "train: 3 rows" in fixed.stdout
 

@@ -187,7 +187,8 @@ def test_cvat_export_with_labelmap_and_existing_split_files(tmp_path):
     (raw / "splits").mkdir()
     (raw / "splits" / "train.txt").write_text("\n".join(f"frame_{i:03d}" for i in range(7)) + "\n")
     (raw / "splits" / "val.txt").write_text("frame_007\nframe_008\n")  # frame_009 is left out
-    result = run_cli("--raw-dir", raw, "--output-dir", tmp_path / "out", "--size", *OUT_SIZE, "--label", "pupil")
+    result = run_cli("--raw-dir", raw, "--output-dir", tmp_path / "out", "--size", *OUT_SIZE,
+                     "--label", "pupil")
     assert result.returncode == 0, result.stderr
     dataset = load_output(tmp_path / "out")
     assert sorted(dataset["validation"]["filename"]) == ["frame_007.png", "frame_008.png"]
@@ -201,8 +202,8 @@ def test_cvat_export_with_labelmap_and_existing_split_files(tmp_path):
 def test_class_index_masks_at_native_size(tmp_path):
     frames = eye_frames(12, size=(160, 224), seed=3)
     raw = write_folder(tmp_path / "raw", frames, mask_style="classes")
-    result = run_cli("--raw-dir", raw, "--output-dir", tmp_path / "out", "--size", "native", "--pupil-class", 3,
-                     "--min-val-pos", 2)
+    result = run_cli("--raw-dir", raw, "--output-dir", tmp_path / "out", "--size", "native",
+                     "--pupil-class", 3, "--min-val-pos", 2)
     assert result.returncode == 0, result.stderr
     dataset = load_output(tmp_path / "out")
     assert dataset["train"].features == dataset_features(160, 224)
@@ -223,8 +224,8 @@ def test_push_of_a_folder_dataset_uses_the_hub_upload(tmp_path, monkeypatch, cap
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     monkeypatch.setattr(hub, "make_hub_api", lambda token: api)
     args = precompute.get_args_parser().parse_args(
-        ["--source", "folder", "--raw-dir", str(raw), "--output-dir", str(tmp_path / "out"), "--size", "240", "320",
-         "--hf-repo", "team/my-eyes", "--min-val-pos", "2", "--workers", "1"])
+        ["--source", "folder", "--raw-dir", str(raw), "--output-dir", str(tmp_path / "out"),
+         "--size", "240", "320", "--hf-repo", "team/my-eyes", "--min-val-pos", "2", "--workers", "1"])
     precompute.main(args)
     assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
     assert "manifest.json" in api.uploaded and any(f.startswith("data/validation-") for f in api.uploaded)
@@ -291,7 +292,8 @@ def test_native_size_needs_one_frame_size(tmp_path):
     frames = eye_frames(8, size=(160, 224), seed=10) + [
         (f"wide_{stem}", image, label) for stem, image, label in eye_frames(4, size=(160, 256), seed=11)]
     raw = write_folder(tmp_path / "raw", frames)
-    result = run_cli("--raw-dir", raw, "--output-dir", tmp_path / "out", "--size", "native", "--min-val-pos", 2)
+    result = run_cli("--raw-dir", raw, "--output-dir", tmp_path / "out", "--size", "native",
+                     "--min-val-pos", 2)
     assert_clean_error(result, "--size native needs every image at 160x224")
 
 

@@ -53,6 +53,7 @@ def test_shard_matches_what_datasets_writes(tmp_path, count):
 
 
 
-@pytest.mark.parametrize("rows, nbytes", [(1, 0), (0, 10), (30, 30 * 1_843_200), (5000, 9_216_000_000), (7, 10**9)])
+@pytest.mark.parametrize("rows, nbytes", [(1, 0), (0, 10), (30, 30 * 1_843_200), (5000, 9_216_000_000),
+                                          (7, 10**9)])
 def test_row_groups_are_sized_as_datasets_sizes_them(rows, nbytes):
     assert rows_per_group(rows, nbytes) == get_writer_batch_size_from_data_size(rows, nbytes)

@@ -35,7 +35,8 @@ def demo_dir(tmp_path_factory):
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_one_epoch_writes_every_run_file(script, demo_dir, tmp_path):
     result = train(script, tmp_path, demo_dir, "--epochs", "1")
-    stem = {"efficientvit": "efficientvit_model", "tiny": "efficientvit_tiny_model", "ellipse": "ellipse_model"}
+    stem = {"efficientvit": "efficientvit_model", "tiny": "efficientvit_tiny_model",
+            "ellipse": "ellipse_model"}
     s = stem[script]
     for name in (f"best_{s}.pt", f"last_{s}.pt", f"best_{s}.onnx", f"args_{s}.json", f"metrics_{s}.csv",
                  f"metrics_{s}.json", f"training_curves_{s}.png", f"predictions_{s}_epoch_1.png"):
@@ -125,12 +126,13 @@ def test_ema_resume_matches_uninterrupted_run_and_validation_scores_the_average(
     metrics = f"{EFFICIENTVIT_TINY.metrics_name}.json"
     assert epoch_rows(resumed / metrics) == epoch_rows(full / metrics)
     ends = [load_checkpoint(folder / EFFICIENTVIT_TINY.last_name) for folder in (full, resumed)]
-    assert ends[0]["ema"]["updates"] == ends[1]["ema"]["updates"] == 2 * 7  # 30 frames: 7 full batches of 4 an epoch
+    # 30 frames: 7 full batches of 4 an epoch
+    assert ends[0]["ema"]["updates"] == ends[1]["ema"]["updates"] == 2 * 7
     for part in ("model", "online"):
         first, second = (end["model"] if part == "model" else end["ema"]["online"] for end in ends)
         assert all(torch.equal(first[key], second[key]) for key in first), part
-    assert any(not torch.equal(value, ends[0]["ema"]["online"][key]) for key, value in ends[0]["model"].items()
-               if value.is_floating_point())
+    assert any(not torch.equal(value, ends[0]["ema"]["online"][key])
+               for key, value in ends[0]["model"].items() if value.is_floating_point())
     scored = run_fit(tmp_path / "test-only", "--resume", full / EFFICIENTVIT_TINY.last_name, "--test-only")
     last = json.loads((full / metrics).read_text())[-1]
     assert scored["valid_iou"] == last["valid_iou"] and scored["valid_pupil_iou"] == last["valid_pupil_iou"]
@@ -158,7 +160,8 @@ def _legacy_dataset(root: Path, count: int = 12, height: int = 96, width: int = 
     """An older-style dataset: raw frames and 4-class labels, no `preprocessed` flag."""
     from common.prep.synthetic import render_sample
 
-    features = Features({"image": Array2D((height, width), "uint8"), "label": Array2D((height, width), "uint8"),
+    features = Features({"image": Array2D((height, width), "uint8"),
+                         "label": Array2D((height, width), "uint8"),
                          "cx": Value("float32"), "cy": Value("float32"), "rx": Value("float32"),
                          "ry": Value("float32"), "filename": Value("string")})
     for split, offset in (("train", 0), ("validation", 100)):
@@ -170,7 +173,8 @@ def _legacy_dataset(root: Path, count: int = 12, height: int = 96, width: int = 
                                ("rx", ellipse.rx), ("ry", ellipse.ry), ("filename", f"{i}.png")):
                 rows[key].append(value)
         (root / "data").mkdir(parents=True, exist_ok=True)
-        Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        Dataset.from_dict(rows, features=features).to_parquet(
+            str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root
 
 
@@ -189,10 +193,12 @@ def test_legacy_dataset_gets_gamma_and_clahe_at_load_time(tmp_path):
         np.testing.assert_array_equal(batch["label"][i].numpy(), preprocess.binarize_pupil(raw_labels[i]))
         # OpenCV's multi-threaded distance transform may differ in the last float32 bit between calls.
         np.testing.assert_allclose(batch["dist_map"][i].numpy(),
-                                   preprocess.distance_maps(preprocess.binarize_pupil(raw_labels[i])), rtol=0, atol=1e-6)
+                                   preprocess.distance_maps(preprocess.binarize_pupil(raw_labels[i])),
+                                   rtol=0, atol=1e-6)
     assert batch["image"].dtype == torch.uint8 and batch["ellipse"].shape == (2, 4)
-    result = run([sys.executable, ROOT / SCRIPTS["tiny"], "--dataset", root, "--epochs", "1", "--batch-size", "4",
-                  "--num-workers", "0", "--data-dir", tmp_path / "cache", "--output-dir", tmp_path / "out"])
+    result = run([sys.executable, ROOT / SCRIPTS["tiny"], "--dataset", root, "--epochs", "1",
+                  "--batch-size", "4", "--num-workers", "0", "--data-dir", tmp_path / "cache",
+                  "--output-dir", tmp_path / "out"])
     assert result.returncode == 0, result.stderr[-3000:]
 
 

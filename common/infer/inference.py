@@ -94,9 +94,9 @@ def pupil_confidence(output: np.ndarray, task: str, mask: np.ndarray, ellipse: E
         mask's pixels; 0.0 for an empty mask.
     ellipse: the regressor gives no probability, so the proxy is how much darker the predicted
         ellipse is than the ring around it (out to 1.5 times its semi-axes) in the preprocessed
-        (h, w) uint8 ``model_input`` (the enhanced frame), as a fraction of the whole intensity range, clipped to
-        [0, 1]: about 0 where the ellipse is no darker than its surroundings (no pupil, e.g. a closed
-        eye), larger the darker the pupil stands out.
+        (h, w) uint8 ``model_input`` (the enhanced frame), as a fraction of the whole intensity
+        range, clipped to [0, 1]: about 0 where the ellipse is no darker than its surroundings (no
+        pupil, e.g. a closed eye), larger the darker the pupil stands out.
     Only pixels inside ``region`` (the frame, without letterbox padding) count.
     """
     inside = mask.astype(bool) & region.astype(bool)
@@ -107,7 +107,8 @@ def pupil_confidence(output: np.ndarray, task: str, mask: np.ndarray, ellipse: E
         ring = preprocess.draw_ellipse(grown, *mask.shape).astype(bool) & region.astype(bool) & ~inside
         if not ring.any():
             return 0.0
-        contrast = (model_input[ring].mean(dtype=np.float64) - model_input[inside].mean(dtype=np.float64)) / 255.0
+        contrast = (model_input[ring].mean(dtype=np.float64)
+                    - model_input[inside].mean(dtype=np.float64)) / 255.0
         return float(np.clip(contrast, 0.0, 1.0))
     margin = output[1][inside] - output[0][inside]  # (n,) pupil minus background logit
     return float(np.mean(0.5 * (1.0 + np.tanh(margin / 2.0))))  # the sigmoid, without overflow
@@ -123,7 +124,8 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- model back ends
 class _TorchBackend:
-    def __init__(self, path: Path, device: torch.device, expected_model: str | None, threads: int | None = None):
+    def __init__(self, path: Path, device: torch.device, expected_model: str | None,
+                 threads: int | None = None):
         checkpoint = load_checkpoint(path)
         self.device = device
         self.model = model_from_checkpoint(checkpoint, path, self.device, expected_model)
@@ -139,7 +141,8 @@ class _TorchBackend:
 
 
 class _OnnxBackend:
-    def __init__(self, path: Path, device: torch.device, expected_model: str | None, threads: int | None = None):
+    def __init__(self, path: Path, device: torch.device, expected_model: str | None,
+                 threads: int | None = None):
         import onnxruntime as ort  # only needed for .onnx files
 
         providers = ["CPUExecutionProvider"]
@@ -219,9 +222,11 @@ class PupilPredictor:
         if not prepared:
             return []
         start = _add_time(timings, "preprocess", start)
-        outputs = self.outputs_prepared(np.stack([ready for ready, _ in prepared]))  # host arrays: the model's time ends here
+        # host arrays: the model's time ends here
+        outputs = self.outputs_prepared(np.stack([ready for ready, _ in prepared]))
         start = _add_time(timings, "model", start)
-        predictions = [self.postprocess(output, box, ready) for output, (ready, box) in zip(outputs, prepared)]
+        predictions = [self.postprocess(output, box, ready)
+                       for output, (ready, box) in zip(outputs, prepared)]
         _add_time(timings, "decode", start)
         return predictions
 

@@ -47,8 +47,8 @@ _REGISTRY = {
 }
 
 __all__ = [
-    "MODEL_NAMES", "ConvBN", "EllipseRegressionNet", "OriginalEfficientViTSeg", "OriginalShallowNet", "ShallowNet",
-    "TinyEfficientViTSeg",
+    "MODEL_NAMES", "ConvBN", "EllipseRegressionNet", "OriginalEfficientViTSeg", "OriginalShallowNet",
+    "ShallowNet", "TinyEfficientViTSeg",
     "build_model", "build_model_from_config", "count_parameters", "fuse_model", "model_config", "model_task",
     "unwrap",
 ]

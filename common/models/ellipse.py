@@ -34,7 +34,8 @@ class EllipseRegressionNet(nn.Module):
         layers = [_conv_bn_relu(in_channels, widths[0], stride=2)]
         for in_ch, out_ch in zip(widths[:-1], widths[1:]):
             layers.append(_conv_bn_relu(in_ch, out_ch, stride=2))
-            refine = [_conv_bn_relu(out_ch, out_ch, stride=1, groups=out_ch), ConvBN(out_ch, out_ch), nn.ReLU()]
+            refine = [_conv_bn_relu(out_ch, out_ch, stride=1, groups=out_ch), ConvBN(out_ch, out_ch),
+                      nn.ReLU()]
             layers.append(nn.Sequential(*refine))  # depthwise 3x3 + pointwise
         self.encoder = nn.Sequential(*layers)
         self.head = nn.Linear(widths[-1], 4)

@@ -344,11 +344,12 @@ def check_not_all_skipped(manifest: dict, options: SampleOptions) -> None:
     for split, counts in manifest["splits"].items():
         if counts["rows"] == 0 and counts["skipped"] > 0:
             reasons = summarize_skips([s for s in manifest["skipped"] if s["split"] == split])
-            raise UserError(f"all {counts['skipped']} samples of split '{split}' were skipped: {reasons}. {hint}")
+            raise UserError(f"all {counts['skipped']} samples of split '{split}' were skipped: "
+                            f"{reasons}. {hint}")
 
 
-def build_dataset(samples: dict[str, list[RawSample | FolderSample]], out_dir, options: SampleOptions, workers: int,
-                  shard_size: int, source: str) -> tuple[dict, dict]:
+def build_dataset(samples: dict[str, list[RawSample | FolderSample]], out_dir, options: SampleOptions,
+                  workers: int, shard_size: int, source: str) -> tuple[dict, dict]:
     """Plan, process (resuming), write the manifest and check the result: (manifest, stats)."""
     plans = plan_shards(samples, shard_size)
     start = time.perf_counter()

@@ -201,7 +201,8 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in images:
-            raise FolderImportError(f"two images share the stem '{path.stem}': {images[path.stem].name}, {path.name}")
+            raise FolderImportError(f"two images share the stem '{path.stem}': "
+                                    f"{images[path.stem].name}, {path.name}")
         images[path.stem] = path
     return images
 
@@ -251,8 +252,9 @@ def _with_splits(groups: list[tuple[str | None, list[FolderSample]]], root: Path
     seen: dict[str, FolderSample] = {}
     for sample in samples:
         if sample.name in seen:
-            raise FolderImportError(f"the name {sample.name} is in two folders ({seen[sample.name].image_path}, "
-                                    f"{sample.image_path}); names must be unique across the splits")
+            raise FolderImportError(f"the name {sample.name} is in two folders "
+                                    f"({seen[sample.name].image_path}, {sample.image_path}); "
+                                    "names must be unique across the splits")
         seen[sample.name] = sample
     return sorted(samples, key=lambda s: s.name)
 
@@ -260,7 +262,8 @@ def _with_splits(groups: list[tuple[str | None, list[FolderSample]]], root: Path
 def _yolo_folders(root: Path) -> list[tuple[str | None, Path, Path]]:
     """(split or None, image folder, label folder) of a YOLO export; [] when ``root`` is none."""
     if (root / "images").is_dir() and (root / "labels").is_dir():
-        split_dirs = [d for d in sorted((root / "images").iterdir()) if d.is_dir() and d.name in SPLIT_FOLDERS]
+        split_dirs = [d for d in sorted((root / "images").iterdir())
+                      if d.is_dir() and d.name in SPLIT_FOLDERS]
         if split_dirs:  # Ultralytics: images/train, labels/train, ...
             return [(SPLIT_FOLDERS[d.name], d, root / "labels" / d.name) for d in split_dirs]
         return [(None, root / "images", root / "labels")]
@@ -296,11 +299,13 @@ def _coco_samples(path: Path, coco) -> list[FolderSample]:
     for image in coco.images.values():
         name = Path(image.file_name).name
         if name in listed:
-            raise FolderImportError(f"{path}: the file name {name} is listed twice (ids {listed[name].id}, {image.id})")
+            raise FolderImportError(f"{path}: the file name {name} is listed twice "
+                                    f"(ids {listed[name].id}, {image.id})")
         listed[name] = image
     missing = sorted(name for name in listed if not (image_dir / name).is_file())
     if missing:
-        raise FolderImportError(f"{path}: {len(missing)} listed image(s) are not in {image_dir}: {', '.join(missing[:5])}")
+        raise FolderImportError(f"{path}: {len(missing)} listed image(s) are not in {image_dir}: "
+                                f"{', '.join(missing[:5])}")
     return [FolderSample(None, p.name, str(p), str(path) if p.name in listed else None,
                          listed[p.name].id if p.name in listed else None)
             for p in sorted(_images_by_stem(image_dir).values(), key=lambda p: p.name)]
@@ -315,7 +320,8 @@ def _coco_dataset(root: Path, files, label: str, pupil_class: int | str | None) 
     chosen = set(categories.values())
     if len(chosen) > 1:
         listed = ", ".join(f"{path}: {cid} '{name}'" for path, (cid, name) in categories.items())
-        raise FolderImportError(f"the pupil is a different category in each file ({listed}); export them alike")
+        raise FolderImportError(f"the pupil is a different category in each file ({listed}); "
+                                "export them alike")
     category, name = chosen.pop()
     samples = _with_splits(groups, root)
     return FolderDataset(samples, MaskFormat("coco", category), f"category {category} '{name}'")
@@ -415,11 +421,13 @@ def load_split_files(split_dir: Path, samples: list[FolderSample]) -> dict[str, 
     stems = {split: _read_split_file(split_dir / file, by_stem) for split, file in SPLIT_FILES.items()}
     both = sorted(set(stems["train"]) & set(stems["validation"]))
     if both:
-        raise FolderImportError(f"{len(both)} stem(s) are in both train.txt and val.txt: {', '.join(both[:5])}")
+        raise FolderImportError(f"{len(both)} stem(s) are in both train.txt and val.txt: "
+                                f"{', '.join(both[:5])}")
     unlisted = len(samples) - len(stems["train"]) - len(stems["validation"])
     if unlisted:
-        print(f"warning: {unlisted} image(s) are in neither {split_dir}/train.txt nor val.txt and are left out; "
-              "add them to a split file, or delete both files to make a new split", file=sys.stderr)
+        print(f"warning: {unlisted} image(s) are in neither {split_dir}/train.txt nor val.txt and are "
+              "left out; add them to a split file, or delete both files to make a new split",
+              file=sys.stderr)
     return stems
 
 
@@ -454,7 +462,8 @@ def make_or_load_splits(root, samples: list[FolderSample], positives: set[str], 
                             positives)
 
 
-def _check_positives(splits: dict[str, list[FolderSample]], positives: set[str]) -> dict[str, list[FolderSample]]:
+def _check_positives(splits: dict[str, list[FolderSample]],
+                     positives: set[str]) -> dict[str, list[FolderSample]]:
     for split, items in splits.items():
         if not any(s.name in positives for s in items):
             raise FolderImportError(f"No positive samples in {split} split")
@@ -518,7 +527,8 @@ def native_frame_size(samples: list[FolderSample]) -> tuple[int, int]:
     raise FolderImportError("no readable image to take the native size from")
 
 
-def describe_splits(dataset: FolderDataset, splits: dict[str, list[FolderSample]], positives: set[str]) -> str:
+def describe_splits(dataset: FolderDataset, splits: dict[str, list[FolderSample]],
+                    positives: set[str]) -> str:
     """'N images (cvat layout): train 90 (81 with a pupil), validation 10 (9 with a pupil)'; the
     pupil's class follows the layout for YOLO and COCO ("yolo layout, pupil = class 0 'eye'")."""
     parts = [f"{split} {len(items)} ({sum(s.name in positives for s in items)} with a pupil)"

@@ -114,7 +114,8 @@ def yolo_class_names(root: Path) -> dict[int, str]:
             names = (yaml.safe_load(data_yaml.read_text()) or {}).get("names", {})
         except (yaml.YAMLError, AttributeError) as exc:
             raise FolderImportError(f"{data_yaml}: not a YOLO data.yaml ({exc.__class__.__name__})") from None
-        return dict(enumerate(names)) if isinstance(names, list) else {int(k): str(v) for k, v in names.items()}
+        return (dict(enumerate(names)) if isinstance(names, list)
+                else {int(k): str(v) for k, v in names.items()})
     for classes in (root / "labels" / "classes.txt", root / "classes.txt"):
         if classes.is_file():
             return dict(enumerate(line.strip() for line in classes.read_text().splitlines() if line.strip()))
@@ -133,7 +134,8 @@ def yolo_pupil_class(names: dict[int, str], pupil_class: int | str | None, label
     if pupil_class is None:
         return 0
     known = ", ".join(f"{index} '{name}'" for index, name in names.items()) or "none (no data.yaml)"
-    raise FolderImportError(f"no YOLO class named '{pupil_class}' (classes: {known}); give --pupil-class INDEX")
+    raise FolderImportError(f"no YOLO class named '{pupil_class}' (classes: {known}); "
+                            "give --pupil-class INDEX")
 
 
 # ----------------------------------------------------------------------------- COCO
@@ -157,7 +159,8 @@ class CocoFile:
 
     def has_pupil(self, image_id: int) -> bool:
         """Whether the image's pupil mask is not empty (a polygon always fills a pixel)."""
-        return any(isinstance(s, list) or any(_rle_counts(s, "")[1::2]) for s in self.regions.get(image_id, []))
+        return any(isinstance(s, list) or any(_rle_counts(s, "")[1::2])
+                   for s in self.regions.get(image_id, []))
 
     def mask(self, image_id: int, height: int, width: int) -> np.ndarray:
         """The (H, W) uint8 0/1 pupil mask of an image read at H x W (its size in the file)."""
@@ -203,7 +206,8 @@ def _load_coco(path: str, pupil_class, label: str, stamp) -> CocoFile:
         images[image.id] = image
     regions: dict[int, list] = {}
     for index, annotation in enumerate(data["annotations"]):
-        where = f"{path}: annotation {index} (id {annotation.get('id') if isinstance(annotation, dict) else '?'})"
+        where = (f"{path}: annotation {index} "
+                 f"(id {annotation.get('id') if isinstance(annotation, dict) else '?'})")
         image_id = _integer(annotation, "image_id", where)
         if image_id not in images:
             raise FolderImportError(f"{where}: image_id {image_id} is not in 'images'")
@@ -249,18 +253,20 @@ def _check_segmentation(segmentation, image: CocoImage, where: str):
                                     f"[{image.height}, {image.width}] (height, width)")
         counts = _rle_counts(segmentation, where)  # decoded here too, so that a bad one is found up front
         if sum(counts) != image.height * image.width:
-            raise FolderImportError(f"{where}: RLE counts sum to {sum(counts)}, not {image.height}x{image.width} "
-                                    f"= {image.height * image.width} pixels")
+            raise FolderImportError(f"{where}: RLE counts sum to {sum(counts)}, not "
+                                    f"{image.height}x{image.width} = {image.height * image.width} pixels")
         return segmentation
     if not isinstance(segmentation, list) or not segmentation:
         raise FolderImportError(f"{where}: no segmentation (a detection export?); export polygons or masks")
     for polygon in segmentation:
         if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon)):
-            raise FolderImportError(f"{where}: a polygon is [x1, y1, x2, y2, x3, y3, ...] (at least 3 points)")
+            raise FolderImportError(f"{where}: a polygon is [x1, y1, x2, y2, x3, y3, ...] "
+                                    "(at least 3 points)")
         points = np.asarray(polygon, np.float64).reshape(-1, 2)
         if not np.isfinite(points).all() or points.min() < 0 or (points > (image.width, image.height)).any():
-            raise FolderImportError(f"{where}: polygon points lie outside the {image.width}x{image.height} image")
+            raise FolderImportError(f"{where}: polygon points lie outside the "
+                                    f"{image.width}x{image.height} image")
     return segmentation
 
 
@@ -268,7 +274,8 @@ def _rle_counts(segmentation: dict, where: str) -> list[int]:
     counts = segmentation.get("counts")
     if isinstance(counts, str):
         return decode_rle_string(counts, where)
-    if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+    if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                        for c in counts):
         return counts
     raise FolderImportError(f"{where}: RLE 'counts' must be a list of counts >= 0 or a compressed string")
 
@@ -288,7 +295,8 @@ def decode_rle_string(text: str, where: str = "RLE") -> list[int]:
                 raise FolderImportError(f"{where}: the compressed RLE string ends in the middle of a count")
             group = ord(text[position]) - 48
             if not 0 <= group < 64:
-                raise FolderImportError(f"{where}: character {text[position]!r} cannot be in a compressed RLE")
+                raise FolderImportError(f"{where}: character {text[position]!r} cannot be in a "
+                                        "compressed RLE")
             value |= (group & 0x1F) << shift
             more, position, shift = bool(group & 0x20), position + 1, shift + 5
             if not more and group & 0x10:

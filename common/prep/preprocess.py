@@ -59,7 +59,8 @@ def preprocessing_params() -> dict:
         "clahe_tile_grid": list(CLAHE_TILE_GRID),
         "pupil_class": PUPIL_CLASS,
         "gamma_lut": "floor",
-        "ellipse": "fitEllipse order; cx/W, cy/H, rx/R, ry/R with R = half diagonal; equal-area circle fallback",
+        "ellipse": "fitEllipse order; cx/W, cy/H, rx/R, ry/R with R = half diagonal; "
+                   "equal-area circle fallback",
         "spatial_weights": f"gaussian sigma {BOUNDARY_SIGMA} of the 3x3-cross morphological gradient",
         "dist_map": "EDT(outside) - EDT(inside) / image diagonal; channels (background, pupil)",
         "order": "binarize, skip-empty, gamma, clahe, ellipse, spatial_weights, dist_map",
@@ -190,7 +191,8 @@ def _needs_circle(points: np.ndarray, area: float) -> bool:
     if len(points) < MIN_FIT_POINTS or area < MIN_FIT_AREA:
         return True
     spread_x, spread_y = np.ptp(points, axis=0)
-    if min(spread_x, spread_y) < MIN_FIT_SPREAD or max(spread_x, spread_y) / min(spread_x, spread_y) > MAX_FIT_SPREAD_RATIO:
+    if (min(spread_x, spread_y) < MIN_FIT_SPREAD
+            or max(spread_x, spread_y) / min(spread_x, spread_y) > MAX_FIT_SPREAD_RATIO):
         return True
     eigenvalues = np.linalg.eigvalsh(np.cov(points.T))  # unbiased covariance of the points, ascending
     return eigenvalues[0] < MIN_FIT_EIGENVALUE or eigenvalues[1] / eigenvalues[0] > MAX_FIT_EIGENVALUE_RATIO
@@ -261,8 +263,10 @@ def spatial_weights(mask: np.ndarray) -> np.ndarray:
     border), computed in float64 and stored as float32. The loss weights each pixel by (1 + weight).
     """
     pupil = mask.astype(bool)
-    boundary = ndimage.binary_dilation(pupil, _CROSS).astype(np.float64) - ndimage.binary_erosion(pupil, _CROSS)
-    weights = ndimage.gaussian_filter(boundary, sigma=BOUNDARY_SIGMA, truncate=BOUNDARY_TRUNCATE, mode="reflect")
+    boundary = (ndimage.binary_dilation(pupil, _CROSS).astype(np.float64)
+                - ndimage.binary_erosion(pupil, _CROSS))
+    weights = ndimage.gaussian_filter(boundary, sigma=BOUNDARY_SIGMA, truncate=BOUNDARY_TRUNCATE,
+                                      mode="reflect")
     return weights.astype(np.float32)
 
 

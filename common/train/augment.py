@@ -34,8 +34,9 @@ and a fixed amount for a given configuration and batch shape, whatever the draws
 The original parts (flip, lines, blur) draw first, always, exactly what they always drew; every
 other part draws only when its probability is above 0 (and costs nothing otherwise), so
 ``original`` replays today's stream batch after batch. The engine seeds the generator from
-(seed, epoch, rank), so a resumed run with the same ``--augment`` replays the same augmentations. Nothing here syncs with the host, except the
-copy of the boundary weights' two filter matrices at the first batch of a frame size (cached).
+(seed, epoch, rank), so a resumed run with the same ``--augment`` replays the same augmentations.
+Nothing here syncs with the host, except the copy of the boundary weights' two filter matrices at
+the first batch of a frame size (cached).
 """
 
 from __future__ import annotations
@@ -216,7 +217,8 @@ class AugmentConfig:
     shot_noise: tuple[float, float] = (0.0005, 0.005)
 
     def __post_init__(self):
-        shares = [f.name for f in fields(self) if f.name.startswith("p_")] + ["eyelid_upper_share", "glint_on_pupil"]
+        shares = ([f.name for f in fields(self) if f.name.startswith("p_")]
+                  + ["eyelid_upper_share", "glint_on_pupil"])
         for name in shares:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise AugmentError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
@@ -228,7 +230,8 @@ class AugmentConfig:
             low, high = getattr(self, name)
             if not ((low >= floor if floor_included else low > floor) and low <= high <= ceiling):
                 relation = "<=" if floor_included else "<"
-                raise AugmentError(f"{name} must satisfy {floor} {relation} lo <= hi <= {ceiling}, got {(low, high)}")
+                raise AugmentError(f"{name} must satisfy {floor} {relation} lo <= hi <= {ceiling}, "
+                                   f"got {(low, high)}")
         for name in ("max_rotation", "max_shift", "eyelid_tilt", "lash_slant", "lash_curl", "vignette_shift"):
             if getattr(self, name) < 0:
                 raise AugmentError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -264,8 +267,9 @@ def augment_config(args) -> AugmentConfig | None:
 
 
 # ----------------------------------------------------------------------------- draws
-NEW_PARTS = ("warp", "lid", "eyelid", "lashes", "glints", "defocus", "motion", "vignette", "brightness", "gamma",
-             "contrast", "noise")  # the AugmentParams fields beyond the original parts'
+# the AugmentParams fields beyond the original parts'
+NEW_PARTS = ("warp", "lid", "eyelid", "lashes", "glints", "defocus", "motion", "vignette", "brightness",
+             "gamma", "contrast", "noise")
 
 
 @dataclass
@@ -317,7 +321,8 @@ class _Draw:
         return self.uniform(*shape) < p
 
     def integers(self, low: int, high: int) -> torch.Tensor:
-        return torch.randint(low, high + 1, (self.batch,), generator=self.generator, device=self.generator.device)
+        return torch.randint(low, high + 1, (self.batch,), generator=self.generator,
+                             device=self.generator.device)
 
 
 def _original_draws(draw: _Draw, height: int, width: int, config: AugmentConfig) -> dict:
@@ -325,7 +330,8 @@ def _original_draws(draw: _Draw, height: int, width: int, config: AugmentConfig)
     lines = config.max_lines
     size = constants([width, height], draw.generator.device)
     return {"flip": draw.chance(config.p_flip), "lines": draw.chance(config.p_lines),
-            "line_count": draw.integers(1, lines), "centres": draw.between(config.centre_range, lines, 2) * size,
+            "line_count": draw.integers(1, lines),
+            "centres": draw.between(config.centre_range, lines, 2) * size,
             "angles": draw.uniform(lines) * math.pi, "blur": draw.chance(config.p_blur),
             "sigma": draw.between(config.blur_sigma)}
 
@@ -337,7 +343,8 @@ def _geometry_draws(draw: _Draw, height: int, width: int, c: AugmentConfig) -> d
         low, high = (math.log(z) for z in c.zoom_range)
         frame = constants([width, height], draw.generator.device)
         values["warp"] = WarpDraws(draw.chance(c.p_warp), torch.exp(draw.between((low, high))),
-                                   draw.symmetric(math.radians(c.max_rotation)), draw.symmetric(c.max_shift, 2) * frame)
+                                   draw.symmetric(math.radians(c.max_rotation)),
+                                   draw.symmetric(c.max_shift, 2) * frame)
     if c.p_eyelid > 0 or c.p_eyelash > 0:
         values["lid"] = LidDraws(draw.chance(c.eyelid_upper_share), draw.between(c.eyelid_cover),
                                  draw.between(c.eyelid_curvature), draw.symmetric(c.eyelid_tilt),
@@ -347,7 +354,8 @@ def _geometry_draws(draw: _Draw, height: int, width: int, c: AugmentConfig) -> d
                                        draw.between(c.eyelid_shadow))
     if c.p_eyelash > 0:
         values["lashes"] = LashDraws(
-            draw.chance(c.p_eyelash), draw.between(c.lash_spacing), draw.uniform(), draw.symmetric(c.lash_slant),
+            draw.chance(c.p_eyelash), draw.between(c.lash_spacing), draw.uniform(),
+            draw.symmetric(c.lash_slant),
             draw.symmetric(c.lash_curl), draw.between(c.lash_thickness), draw.between(c.lash_opacity),
             draw.between(c.lash_span) * width,
             draw.between(c.lash_length)[:, None] * height * draw.between((0.6, 1.4), c.max_lashes),
@@ -361,7 +369,8 @@ def _photometric_draws(draw: _Draw, height: int, width: int, c: AugmentConfig) -
     choice = lambda p, low_high: Choice(draw.chance(p), draw.between(low_high))
     if c.p_glints > 0:
         values["glints"] = GlintDraws(draw.chance(c.p_glints), draw.integers(1, c.max_glints),
-                                      draw.uniform(c.max_glints, 2), draw.chance(c.glint_on_pupil, c.max_glints),
+                                      draw.uniform(c.max_glints, 2),
+                                      draw.chance(c.glint_on_pupil, c.max_glints),
                                       draw.between(c.glint_radius, c.max_glints))
     if c.p_defocus > 0:
         values["defocus"] = choice(c.p_defocus, c.defocus_radius)
@@ -369,7 +378,8 @@ def _photometric_draws(draw: _Draw, height: int, width: int, c: AugmentConfig) -
         values["motion"] = MotionDraws(draw.chance(c.p_motion), draw.between(c.motion_length),
                                        draw.uniform() * math.pi)
     if c.p_vignette > 0:
-        middle, frame = constants([(width - 1) / 2, (height - 1) / 2], device), constants([width, height], device)
+        middle, frame = (constants([(width - 1) / 2, (height - 1) / 2], device),
+                         constants([width, height], device))
         values["vignette"] = VignetteDraws(draw.chance(c.p_vignette), draw.between(c.vignette_strength),
                                            middle + draw.symmetric(c.vignette_shift, 2) * frame)
     for name in ("brightness", "gamma", "contrast"):
@@ -508,7 +518,8 @@ def _add_glints(image: torch.Tensor, label: torch.Tensor | None, draws: GlintDra
     batch_size, _, height, width = image.shape
     stats = pupil_stats(label) if label is not None else None
     box = pupil_extent(stats, height, width, batch_size, image.device)
-    present = stats.present if stats is not None else torch.zeros(batch_size, dtype=torch.bool, device=image.device)
+    present = (stats.present if stats is not None
+               else torch.zeros(batch_size, dtype=torch.bool, device=image.device))
     return add_glints(image, draws, box, present)
 
 
@@ -533,7 +544,8 @@ def _in_linear_light(image: torch.Tensor, params: AugmentParams, config: Augment
         linear = blur_each(linear, params.defocus.selected, kernels)
         touched |= params.defocus.selected
     if params.motion is not None:
-        kernels = line_kernels(params.motion.length, params.motion.angle, motion_size(config.motion_length[1]))
+        kernels = line_kernels(params.motion.length, params.motion.angle,
+                               motion_size(config.motion_length[1]))
         linear = blur_each(linear, params.motion.selected, kernels)
         touched |= params.motion.selected
     if params.vignette is not None:
@@ -583,10 +595,12 @@ def _check_batch(batch: dict, config: AugmentConfig) -> None:
         raise AugmentError(f"image of size {tuple(image.shape[-2:])} is too small for kernels of "
                            f"{2 * max(pads) + 1}x{2 * max(pads) + 1} with reflect padding")
     if "ellipse" in batch and batch["ellipse"].shape != (image.shape[0], 4):
-        raise AugmentError(f"batch['ellipse'] must be (B, 4) = (cx, cy, rx, ry), got {tuple(batch['ellipse'].shape)}")
+        raise AugmentError(f"batch['ellipse'] must be (B, 4) = (cx, cy, rx, ry), "
+                           f"got {tuple(batch['ellipse'].shape)}")
     moves_label = config.p_warp > 0 or config.p_eyelid > 0
     if moves_label and "label" not in batch and any(k in batch for k in ("spatial_weights", "dist_map")):
-        raise AugmentError("a warp or an eyelid needs batch['label'] to recompute spatial_weights and dist_map")
+        raise AugmentError("a warp or an eyelid needs batch['label'] to recompute spatial_weights "
+                           "and dist_map")
 
 
 def augment_batch(batch: dict, generator: torch.Generator, config: AugmentConfig = AugmentConfig(),

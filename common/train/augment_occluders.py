@@ -144,7 +144,8 @@ def draw_eyelid(batch: dict, draws: EyelidDraws, margin: Margin, fill: torch.Ten
         out["label"] = batch["label"].masked_fill(covered, 0)
         if "dist_map" in batch:
             distance = occluded_distance(batch["dist_map"], out["label"], margin)
-            out["dist_map"] = torch.where(chosen, discrete_distance_maps(distance, out["label"]), batch["dist_map"])
+            out["dist_map"] = torch.where(chosen, discrete_distance_maps(distance, out["label"]),
+                                          batch["dist_map"])
     return out
 
 
@@ -158,14 +159,14 @@ def occluded_distance(dist_map: torch.Tensor, visible: torch.Tensor, margin: Mar
     between its ends, the extreme columns of the visible pupil's first row) is used. A point's
     nearest pupil point is found by following the distance's gradient.
     """
-    depth = margin.depth[:, 0]                                                   # (B, H, W)
+    depth = margin.depth[:, 0]                                               # (B, H, W)
     pupil = continuous_distance(dist_map, *visible.shape[-2:])
-    chord = (visible.bool() & (depth > -1.5)).any(dim=1)                         # (B, W) columns at the margin
+    chord = (visible.bool() & (depth > -1.5)).any(dim=1)                     # (B, W) columns at the margin
     width = chord.shape[1]
-    start = chord.float().argmax(dim=1).float()                                  # (B,) first column
-    end = width - 1 - chord.flip(1).float().argmax(dim=1).float()                # (B,) last column
-    ends = torch.stack([start, end], dim=1)                                      # (B, 2)
-    ends = torch.stack([ends, margin.curve(ends)[0]], dim=2)                     # (B, 2 ends, xy)
+    start = chord.float().argmax(dim=1).float()                              # (B,) first column
+    end = width - 1 - chord.flip(1).float().argmax(dim=1).float()            # (B,) last column
+    ends = torch.stack([start, end], dim=1)                                  # (B, 2)
+    ends = torch.stack([ends, margin.curve(ends)[0]], dim=2)                 # (B, 2 ends, xy)
     xs = torch.arange(width, device=depth.device, dtype=torch.float32).view(1, 1, width)
     ys = torch.arange(depth.shape[1], device=depth.device, dtype=torch.float32).view(1, -1, 1)
     to_chord = segment_distance(xs, ys, ends[:, 0], ends[:, 1])

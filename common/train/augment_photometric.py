@@ -95,8 +95,10 @@ def gaussian_blur(image: torch.Tensor, sigma: torch.Tensor, kernel_size: int) ->
     pad = kernel_size // 2
     # Samples become channels of one image so a grouped conv applies per-sample kernels.
     grouped = image.reshape(1, batch, height, width)                # (1, B, H, W)
-    grouped = F.conv2d(F.pad(grouped, (pad, pad, 0, 0), mode="reflect"), taps.view(batch, 1, 1, -1), groups=batch)
-    grouped = F.conv2d(F.pad(grouped, (0, 0, pad, pad), mode="reflect"), taps.view(batch, 1, -1, 1), groups=batch)
+    grouped = F.conv2d(F.pad(grouped, (pad, pad, 0, 0), mode="reflect"), taps.view(batch, 1, 1, -1),
+                       groups=batch)
+    grouped = F.conv2d(F.pad(grouped, (0, 0, pad, pad), mode="reflect"), taps.view(batch, 1, -1, 1),
+                       groups=batch)
     return grouped.reshape(image.shape)
 
 
@@ -126,7 +128,8 @@ def line_kernels(length: torch.Tensor, angle: torch.Tensor, size: int) -> torch.
     dy, dx = _kernel_offsets(size, length.device)
     cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
     along, across = dx * cos + dy * sin, dy * cos - dx * sin  # (B, K, K)
-    weights = (1 - across.abs()).clamp(0.0, 1.0) * (length.view(-1, 1, 1) / 2 + 0.5 - along.abs()).clamp(0.0, 1.0)
+    weights = ((1 - across.abs()).clamp(0.0, 1.0)
+               * (length.view(-1, 1, 1) / 2 + 0.5 - along.abs()).clamp(0.0, 1.0))
     return weights / weights.sum(dim=(1, 2), keepdim=True)
 
 
@@ -156,7 +159,8 @@ def from_linear(linear: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- parts
-def add_glints(image: torch.Tensor, draws: GlintDraws, box: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def add_glints(image: torch.Tensor, draws: GlintDraws, box: torch.Tensor,
+               present: torch.Tensor) -> torch.Tensor:
     """Saturated soft disks: on the pupil (within its box, shrunk to 80%) or in the middle 20-80% of
     the frame. ``box`` (B, 4) x0, y0, x1, y1 and ``present`` (B,) from ``pupil_stats``."""
     batch, _, height, width = image.shape

@@ -154,5 +154,6 @@ def discrete_distance_maps(distance: torch.Tensor, label: torch.Tensor) -> torch
     pupil = torch.where(inside, (distance - 0.5).clamp(max=-1.0), (distance + 0.5).clamp(min=1.0))
     count = inside.flatten(1).sum(dim=1)  # (B,)
     has_boundary = (count > 0) & (count < height * width)
-    pupil = torch.where(has_boundary[:, None, None], pupil, torch.zeros_like(pupil)) / math.hypot(height, width)
+    pupil = (torch.where(has_boundary[:, None, None], pupil, torch.zeros_like(pupil))
+             / math.hypot(height, width))
     return torch.stack([-pupil, pupil], dim=1)

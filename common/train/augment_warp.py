@@ -112,7 +112,8 @@ def grid_pixels(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def border_mean(image: torch.Tensor) -> torch.Tensor:
     """(B, 1, 1, 1) mean of each frame's outermost rows and columns: the fill for a zoom-out."""
-    edges = torch.cat([image[..., 0, :], image[..., -1, :], image[..., 1:-1, 0], image[..., 1:-1, -1]], dim=-1)
+    edges = torch.cat([image[..., 0, :], image[..., -1, :], image[..., 1:-1, 0], image[..., 1:-1, -1]],
+                      dim=-1)
     return edges.mean(dim=(1, 2)).view(-1, 1, 1, 1)
 
 
@@ -122,7 +123,8 @@ def warp_image(image: torch.Tensor, warp: Warp, grid: torch.Tensor, prefilter_si
         sigma = 0.5 * torch.sqrt((1 / warp.zoom**2 - 1).clamp_min(0.0))
         image = gaussian_blur(image, sigma.clamp_min(1e-3), prefilter_size)  # 1e-3 px: exactly a copy
     fill = border_mean(image)
-    return F.grid_sample(image - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    return F.grid_sample(image - fill, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False) + fill
 
 
 def warp_distance(dist_map: torch.Tensor, label: torch.Tensor, warp: Warp, grid: torch.Tensor,
@@ -139,7 +141,8 @@ def warp_distance(dist_map: torch.Tensor, label: torch.Tensor, warp: Warp, grid:
     clamped = torch.minimum(where.clamp_min(0.0), limit)
     point = centroid[:, None, None, :]
     far, near = where - point, clamped - point
-    beyond = torch.hypot(far[..., 0], far[..., 1]) - torch.hypot(near[..., 0], near[..., 1])  # (B, H, W), 0 inside
+    # (B, H, W), 0 inside
+    beyond = torch.hypot(far[..., 0], far[..., 1]) - torch.hypot(near[..., 0], near[..., 1])
     distance = (inside + torch.sign(inside) * beyond) * warp.zoom.view(-1, 1, 1)
     return discrete_distance_maps(distance, label)
 

@@ -504,7 +504,8 @@ def open_loaders(args, targets: tuple[str, ...], pin_memory: bool, device: torch
                  ) -> tuple[Loaders, Path]:
     """The loaders ``args`` asks for, with the layout detected once for the dataset; and its folder."""
     dataset, layout, source = open_dataset(args)
-    loaders = make_loaders(dataset, args, pin_memory, layout, targets, device, rank, world_size, valid_targets)
+    loaders = make_loaders(dataset, args, pin_memory, layout, targets, device, rank, world_size,
+                           valid_targets)
     return loaders, source
 
 

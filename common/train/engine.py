@@ -148,7 +148,8 @@ def _finish_epoch(task, loss_sums: torch.Tensor, batches: int, prefix: str, watc
 
 
 def train_one_epoch(model, loader, task, optimizer, stepper: OptimizerStep, runtime: Runtime,
-                    epoch: int, seed: int, augment: AugmentConfig | None = AugmentConfig()) -> dict[str, float]:
+                    epoch: int, seed: int,
+                    augment: AugmentConfig | None = AugmentConfig()) -> dict[str, float]:
     model.train()
     task.reset_metrics()
     loss_sums = loss_accumulator(task, runtime.device)
@@ -215,8 +216,8 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
     # resume: weights, optimizer, schedule, RNG and history of the last finished epoch
     state = TrainState(data_fingerprint=source_fingerprint(source))
     if args.resume:
-        state = resume_training(args.resume, model, optimizer, scheduler, stepper, size, state.data_fingerprint,
-                                ema=ema, evaluate_only=args.test_only)
+        state = resume_training(args.resume, model, optimizer, scheduler, stepper, size,
+                                state.data_fingerprint, ema=ema, evaluate_only=args.test_only)
     forward, evaluator = prepare_model(model, runtime, average=scored if ema else None)  # DDP, compile
     if runtime.is_main:
         describe_run(spec, model, runtime, loaders, source, targets)
@@ -247,7 +248,8 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
                 save_last_checkpoint(out_dir, spec, model, optimizer, scheduler, stepper, state, args, size)
                 saved()
             # finish: curves and the ONNX export of the best checkpoint
-            onnx_path = finish_files(out_dir, spec, state, size, tracker, args.export) if runtime.is_main else None
+            onnx_path = (finish_files(out_dir, spec, state, size, tracker, args.export)
+                         if runtime.is_main else None)
             if runtime.is_main:
                 saved()
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM; the tracker has recorded KILLED
@@ -338,8 +340,8 @@ def save_epoch_checkpoints(out_dir: Path, spec: TrainSpec, model, optimizer, sch
 def save_last_checkpoint(out_dir: Path, spec: TrainSpec, model, optimizer, scheduler, stepper,
                          state: TrainState, args, image_size) -> Path:
     """The epoch's last file: once it is renamed into place, --resume starts after this epoch."""
-    return save_training_checkpoint(out_dir / spec.last_name, model, optimizer, scheduler, stepper, state, args,
-                                    image_size, ema=stepper.ema)
+    return save_training_checkpoint(out_dir / spec.last_name, model, optimizer, scheduler, stepper, state,
+                                    args, image_size, ema=stepper.ema)
 
 
 def report_epoch(tracker: Tracker, row: dict, best_metric: str, state: TrainState, files: list[Path],
@@ -362,7 +364,8 @@ def save_prediction_picture(path, model: torch.nn.Module, dataset, task: str, ru
     for this batch size. It runs in eval mode (BatchNorm running statistics, as in validation)."""
     rows = picture_rows(len(dataset))
     batch = dataset[rows]  # image (B, H, W) uint8, label (B, H, W) uint8, on the CPU
-    moved = to_device({"image": batch["image"], "label": batch["label"]}, runtime.device, runtime.channels_last)
+    moved = to_device({"image": batch["image"], "label": batch["label"]}, runtime.device,
+                      runtime.channels_last)
     was_training = model.training
     model.eval()
     with runtime.autocast():
@@ -378,7 +381,8 @@ def finish_files(out_dir: Path, spec: TrainSpec, state: TrainState, image_size, 
     """Training curves, the ONNX export of the best checkpoint (unless ``export`` is off: --no-export),
     and their upload; returns the ONNX path."""
     curves = plot_curves(out_dir, state.history, spec.curves_name) if state.history else None
-    onnx_path = export_best(out_dir / spec.best_name, out_dir / spec.onnx_name, image_size) if export else None
+    onnx_path = (export_best(out_dir / spec.best_name, out_dir / spec.onnx_name, image_size)
+                 if export else None)
     for path in (curves, onnx_path, out_dir / f"{spec.metrics_name}.csv"):
         if path is not None:
             tracker.log_artifact(path)
@@ -437,7 +441,8 @@ def summary_line(row: dict, best_metric: str, improved: bool) -> str:
     pixels = ("valid_center_error_px", "valid_center_error_median_px", "valid_radius_error_px")
     parts += [f"{k} {row[k]:.2f}" for k in pixels if k in row]
     parts += [f"{k} {row[k]:.3f}" for k in ("valid_detection_rate_5px",) if k in row]
-    parts += [f"{k} {row[k]:.0f}" for k in ("valid_missed", "train_negatives", "valid_negatives") if row.get(k)]
+    parts += [f"{k} {row[k]:.0f}" for k in ("valid_missed", "train_negatives", "valid_negatives")
+              if row.get(k)]
     parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
     if improved:
         parts.append(f"* new best valid_{metric_label(best_metric)}")

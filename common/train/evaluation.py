@@ -61,12 +61,14 @@ def evaluate_split(predictor: PupilPredictor, loader) -> Evaluation:
     dataset = loader.dataset
     if tuple(predictor.input_size) != tuple(dataset.image_size):
         size, frames = predictor.input_size, dataset.image_size
-        raise UserError(f"the model takes {size[0]}x{size[1]} frames but the dataset holds {frames[0]}x{frames[1]}; "
-                        "evaluate it on a dataset built at its size (precompute.py --size H W)")
+        raise UserError(f"the model takes {size[0]}x{size[1]} frames but the dataset holds "
+                        f"{frames[0]}x{frames[1]}; evaluate it on a dataset built at its size "
+                        "(precompute.py --size H W)")
     task = TASKS[predictor.task](1, dataset.image_size, "cpu")
     task.reset_metrics(frames=len(dataset))
     for batch, rows in zip(progress(loader, "evaluate", unit="batch"), batch_rows(loader, "cpu")):
-        outputs = torch.from_numpy(predictor.outputs_prepared(batch["image"].numpy()))  # (B, 2, H, W) | (B, 4)
+        # (B, 2, H, W) | (B, 4)
+        outputs = torch.from_numpy(predictor.outputs_prepared(batch["image"].numpy()))
         task.update_metrics(outputs, {**batch, "label": batch["label"].long()}, rows)
     metrics = {"frames": float(len(dataset)), **task.compute_metrics()}
     return Evaluation(metrics, task.frames.frames, split_filenames(dataset.split), predictor.task)
@@ -129,7 +131,8 @@ def save_worst_picture(path: Path, result: Evaluation, predictor: PupilPredictor
     batch = dataset[rows]  # image (B, H, W) uint8, model-ready; label (B, H, W) 0/1
     frames = batch["image"].numpy()
     outputs = predictor.outputs_prepared(frames)
-    return save_predictions(path, frames, batch["label"].numpy(), outputs, [f"#{row}" for row in rows], result.task)
+    return save_predictions(path, frames, batch["label"].numpy(), outputs, [f"#{row}" for row in rows],
+                            result.task)
 
 
 def write_reports(out_dir: Path, result: Evaluation, predictor: PupilPredictor, dataset, about: dict
@@ -137,7 +140,8 @@ def write_reports(out_dir: Path, result: Evaluation, predictor: PupilPredictor, 
     """summary.json (``about`` + the figures), frames.csv and worst_frames.png under ``out_dir``."""
     out_dir = Path(out_dir)
     return {
-        "summary": atomic_write_json(out_dir / "summary.json", {**about, "task": result.task, **result.metrics}),
+        "summary": atomic_write_json(out_dir / "summary.json",
+                                     {**about, "task": result.task, **result.metrics}),
         "frames": write_frames_csv(out_dir / "frames.csv", result),
         "picture": save_worst_picture(out_dir / "worst_frames.png", result, predictor, dataset),
     }

@@ -219,7 +219,8 @@ class EllipseMetrics(_Accumulator):
     def compute(self) -> dict:
         """{"center_error_px", "radius_error_px", "iou", "pupil_iou", "background_iou", "negatives"}
         as floats; ``negatives`` counts the frames without a pupil (left out of the errors)."""
-        center_sum, radius_sum, pupils, pupil_sum, background_sum, frames = self.totals.tolist()  # one transfer
+        # one transfer
+        center_sum, radius_sum, pupils, pupil_sum, background_sum, frames = self.totals.tolist()
 
         def mean(total: float, count: float) -> float:
             return total / count if count else math.nan
@@ -288,7 +289,8 @@ class FrameMetrics:
     def __init__(self, rows: int, height: int, width: int, device="cpu", masks: bool = False):
         device = torch.device(device)
         self.rows, self.height, self.width = int(rows), int(height), int(width)
-        self.table = torch.zeros(self.rows, len(FRAME_COLUMNS), dtype=accumulator_dtype(device), device=device)
+        self.table = torch.zeros(self.rows, len(FRAME_COLUMNS), dtype=accumulator_dtype(device),
+                                 device=device)
         packed_shape = (self.rows, self.height, -(-self.width // 8))
         self.packed = torch.zeros(packed_shape, dtype=torch.uint8, device=device) if masks else None
         self._bits = torch.tensor(_BITS, dtype=torch.uint8, device=device)

@@ -50,7 +50,8 @@ def _loss_panel(axis, epochs, history: list[dict]) -> None:
     """Total loss of both splits (solid) and the train loss terms (ce, dice, surface, ...; dashed)."""
     for split in ("train", "valid"):
         axis.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=f"{split} loss")
-    terms = [key for key in _keys(history) if key.endswith("_loss") and key not in ("train_loss", "valid_loss")]
+    terms = [key for key in _keys(history)
+             if key.endswith("_loss") and key not in ("train_loss", "valid_loss")]
     for key in terms:
         axis.plot(epochs, _optional(history, key), linestyle="--", label=key.removesuffix("_loss"))
     axis.set_title("loss (terms: train)")

@@ -38,7 +38,8 @@ class _Task:
         if not self.per_frame:
             return
         if self.frames is None or self.frames.rows != frames:
-            self.frames = FrameMetrics(frames, *self.image_size, self.device, masks=self.name == "segmentation")
+            self.frames = FrameMetrics(frames, *self.image_size, self.device,
+                                       masks=self.name == "segmentation")
         else:
             self.frames.reset()
 

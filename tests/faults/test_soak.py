@@ -157,7 +157,8 @@ def test_precompute_killed_at_random_rebuilds_the_same_dataset(tmp_path):
         assert dataset_digest(folder / "out") == reference, f"SOAK_SEED={SEED}"
         cycle += 1
     validate = [sys.executable, ROOT / "precompute.py", "--validate", "--skip-download", "--raw-dir",
-                folder / "raw", "--output-dir", folder / "out", "--size", "64", "96", "--validate-samples", "30"]
+                folder / "raw", "--output-dir", folder / "out", "--size", "64", "96",
+                "--validate-samples", "30"]
     result = subprocess.run([str(c) for c in validate], capture_output=True, text=True, env=clean_env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "validated" in result.stdout
@@ -201,7 +202,8 @@ def test_training_killed_at_random_resumes_to_the_uninterrupted_history(tmp_path
     command = training_command(tmp_path / "data")
     warm_up = [sys.executable, TINY_SCRIPT, *TINY_DEMO, "--data-dir", tmp_path / "data", "--output-dir",
                tmp_path / "warm-up", "--epochs", "1", "--no-export"]
-    subprocess.run([str(c) for c in warm_up], check=True, capture_output=True, env=clean_env())  # the demo data
+    # the demo data
+    subprocess.run([str(c) for c in warm_up], check=True, capture_output=True, env=clean_env())
     soak.measure(command(tmp_path / "reference"), tmp_path / "reference")
     reference = finished_run(tmp_path / "reference")
     assert len(reference["history"]) == int(EPOCHS)
