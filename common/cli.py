@@ -142,17 +142,28 @@ class Interrupt(KeyboardInterrupt):
 def signals_as_interrupt() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise ``Interrupt`` so ``finally`` clauses and atomic
     writes run; the previous handlers come back afterwards. Only the main thread can install
-    handlers: elsewhere the block runs with the process's handlers unchanged."""
+    handlers: elsewhere the block runs with the process's handlers unchanged.
+
+    A signal that lands in Python code called back from a C library (pyarrow deserializing an
+    extension type while a batch is gathered, say) can come out of the library as another
+    exception; once a signal was received, any exception leaving the block is that ``Interrupt``.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received = []
 
     def handler(signum, frame):
+        received.append(signum)
         raise Interrupt(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except Exception as exc:
+        if received:
+            raise Interrupt(received[0]) from exc
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

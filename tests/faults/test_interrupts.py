@@ -4,11 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from common.checkpoint import load_checkpoint
+from common.cli import Interrupt, signals_as_interrupt
 from tests.faults.runs import (
     INJECT,
     LAST,
@@ -81,3 +83,23 @@ def test_kill_minus_9_during_hub_push_then_rerun_pushes_everything(tmp_path):
     for name in pushed:
         assert (remote / name).read_bytes() == (out / name).read_bytes(), name
     assert sum(pq.read_metadata(remote / n).num_rows for n in pushed if n.endswith(".parquet")) > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_that_a_library_turns_into_another_error_is_still_the_interrupt(sig):
+    """As pyarrow does when the signal lands in a Python callback it made: the KeyboardInterrupt
+    comes out of the library as another exception. The block still ends with the interrupt."""
+    def gather_rows():
+        try:
+            os.kill(os.getpid(), sig)  # the handler raises inside the "callback"
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ValueError("Schema at index 3 was different") from None
+
+    with pytest.raises(Interrupt) as caught:
+        with signals_as_interrupt():
+            gather_rows()
+    assert caught.value.signum == sig and isinstance(caught.value.__cause__, ValueError)
+    with pytest.raises(ValueError):  # no signal: an error stays itself
+        with signals_as_interrupt():
+            raise ValueError("a real error")
