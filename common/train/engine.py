@@ -17,7 +17,9 @@ import json
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm  # widgets in a notebook, text elsewhere
@@ -200,10 +202,7 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
     saved = on_saved or (lambda: None)
     # setup: where to compute, the data, the model and its optimizer
     runtime = setup_runtime(args)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if runtime.is_main:
-        remove_stale_temporaries(out_dir)  # of a writer killed mid-file; a live one's stay
+    out_dir = output_dir(args, runtime)
     task_type = TASKS[model_task(spec.model_name)]
     targets = task_type.targets  # what the batches carry for this task
     with main_process_first():  # rank 0 builds or downloads the dataset; the others then read it
@@ -214,10 +213,7 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
     ema = stepper.ema  # the weights' moving average (--ema) or None
     scored = model if ema is None else ema.module  # what validation, checkpoints and pictures use
     # resume: weights, optimizer, schedule, RNG and history of the last finished epoch
-    state = TrainState(data_fingerprint=source_fingerprint(source))
-    if args.resume:
-        state = resume_training(args.resume, model, optimizer, scheduler, stepper, size,
-                                state.data_fingerprint, ema=ema, evaluate_only=args.test_only)
+    state = starting_state(args, source, model, optimizer, scheduler, stepper, size)
     forward, evaluator = prepare_model(model, runtime, average=scored if ema else None)  # DDP, compile
     if runtime.is_main:
         describe_run(spec, model, runtime, loaders, source, targets)
@@ -225,6 +221,12 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
         if args.test_only:
             return evaluate_only(args, evaluator, loaders.valid, task, runtime)
         with start_tracking(args, spec, runtime, out_dir, source, model) as tracker, signals_as_interrupt():
+            files = EpochFiles(
+                out_dir, spec, tracker, best_metric=task.best_metric, epochs=args.epochs,
+                save=lambda name: save_training_checkpoint(out_dir / name, model, optimizer, scheduler,
+                                                           stepper, state, args, size, ema=ema),
+                picture=lambda path: save_prediction_picture(path, scored, loaders.valid.dataset,
+                                                             task.name, runtime))
             for epoch in range(state.epoch, args.epochs):
                 start = time.perf_counter()
                 train = train_one_epoch(forward, loaders.train, task, optimizer, stepper, runtime, epoch,
@@ -234,19 +236,9 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
                 row = epoch_row(epoch, args, train, valid, task, optimizer, time.perf_counter() - start)
                 scheduler.step()
                 improved = state.record(row, task.best_metric)  # the same on every rank: all-reduced metrics
-                if not runtime.is_main:
-                    continue
-                # record and checkpoint: rank 0 alone writes files and talks to MLflow
-                files = save_epoch_checkpoints(out_dir, spec, model, optimizer, scheduler, stepper, state,
-                                               args, size, improved)
-                report_epoch(tracker, row, task.best_metric, state, files, out_dir / spec.best_name)
-                if picture_due(epoch + 1, args.epochs):
-                    picture = save_prediction_picture(out_dir / spec.predictions_name(epoch + 1), scored,
-                                                      loaders.valid.dataset, task.name, runtime)
-                    tracker.log_artifact(picture, artifact_path="predictions")
-                write_history(out_dir, state.history, spec.metrics_name)
-                save_last_checkpoint(out_dir, spec, model, optimizer, scheduler, stepper, state, args, size)
-                saved()
+                if runtime.is_main:  # rank 0 alone writes files and talks to MLflow
+                    files.write(row, state, improved)
+                    saved()
             # finish: curves and the ONNX export of the best checkpoint
             onnx_path = (finish_files(out_dir, spec, state, size, tracker, args.export)
                          if runtime.is_main else None)
@@ -260,6 +252,25 @@ def fit(args, spec: TrainSpec, on_saved=None) -> dict:
     if runtime.is_main:
         print(final_line(summary, metric_label(task.best_metric)))
     return summary
+
+
+def output_dir(args, runtime: Runtime) -> Path:
+    """--output-dir, created; on rank 0 without the temporaries of a writer killed mid-file (a
+    live writer's stay)."""
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if runtime.is_main:
+        remove_stale_temporaries(out_dir)
+    return out_dir
+
+
+def starting_state(args, source, model, optimizer, scheduler, stepper, image_size) -> TrainState:
+    """A new run's state, or --resume's: its weights, optimizer, schedule, RNG and history loaded."""
+    state = TrainState(data_fingerprint=source_fingerprint(source))
+    if not args.resume:
+        return state
+    return resume_training(args.resume, model, optimizer, scheduler, stepper, image_size,
+                           state.data_fingerprint, ema=stepper.ema, evaluate_only=args.test_only)
 
 
 def build_training(args, spec: TrainSpec, runtime: Runtime, image_size):
@@ -320,28 +331,32 @@ def epoch_row(epoch: int, args, train: dict, valid: dict, task, optimizer, secon
     return row
 
 
-def save_epoch_checkpoints(out_dir: Path, spec: TrainSpec, model, optimizer, scheduler, stepper,
-                           state: TrainState, args, image_size, improved: bool) -> list[Path]:
-    """The best and per-epoch checkpoints of this epoch; returns them (the new artifacts).
+@dataclass
+class EpochFiles:
+    """What rank 0 writes after each epoch, in an order a kill cannot break: the best and epoch
+    checkpoints, the MLflow entries, the picture and the metrics history first, ``last_*.pt``
+    (for --resume) last. A run killed before ``last`` is in place resumes from the previous epoch
+    and rewrites the others the same way."""
 
-    ``last`` (for --resume) is not among them: ``save_last_checkpoint`` writes it after every other
-    file of the epoch, so a run killed before it resumes from the previous epoch and rewrites them.
-    """
-    def save(name: str) -> Path:
-        return save_training_checkpoint(out_dir / name, model, optimizer, scheduler, stepper, state, args,
-                                        image_size, ema=stepper.ema)
+    out_dir: Path
+    spec: TrainSpec
+    tracker: Tracker
+    save: Callable[[str], Path]  # a training checkpoint of the current state under a file name
+    picture: Callable[[Path], Path]  # the fixed validation rows drawn to a file
+    best_metric: str
+    epochs: int
 
-    saved = [save(spec.best_name)] if improved else []
-    if spec.wants_epoch_checkpoint(state.epoch, args.epochs, improved):
-        saved.append(save(spec.epoch_name(state.epoch, state.history[-1]["valid_iou"])))
-    return saved
-
-
-def save_last_checkpoint(out_dir: Path, spec: TrainSpec, model, optimizer, scheduler, stepper,
-                         state: TrainState, args, image_size) -> Path:
-    """The epoch's last file: once it is renamed into place, --resume starts after this epoch."""
-    return save_training_checkpoint(out_dir / spec.last_name, model, optimizer, scheduler, stepper, state,
-                                    args, image_size, ema=stepper.ema)
+    def write(self, row: dict, state: TrainState, improved: bool) -> None:
+        names = [self.spec.best_name] if improved else []
+        if self.spec.wants_epoch_checkpoint(state.epoch, self.epochs, improved):
+            names.append(self.spec.epoch_name(state.epoch, state.history[-1]["valid_iou"]))
+        saved = [self.save(name) for name in names]
+        report_epoch(self.tracker, row, self.best_metric, state, saved, self.out_dir / self.spec.best_name)
+        if picture_due(row["epoch"], self.epochs):
+            picture = self.picture(self.out_dir / self.spec.predictions_name(row["epoch"]))
+            self.tracker.log_artifact(picture, artifact_path="predictions")
+        write_history(self.out_dir, state.history, self.spec.metrics_name)
+        self.save(self.spec.last_name)
 
 
 def report_epoch(tracker: Tracker, row: dict, best_metric: str, state: TrainState, files: list[Path],
