@@ -5,12 +5,14 @@ Examples:
     python export.py checkpoints/best_efficientvit_model.pt --int8 --calibrate demo
     python export.py checkpoints/best_efficientvit_model.pt --int8 --calibrate ./precompute_output \\
         --calibration-frames 300 --output edge/model.int8.onnx
+    python export.py checkpoints/best_efficientvit_model.pt --int8 --int8-layers all --calibrate demo
     python export.py best_efficientvit_model.pt --fp16 --calibrate Conner/sddec25-01  # Hub dataset
 
 MODEL is a checkpoint of this project or a plain state dict of a known model (e.g. the original
 project's best_efficientvit_model.pt). DATASET is what the training scripts read: ``demo`` (the
 --demo dataset, shaped by --demo-samples/--demo-size), a local dataset folder, or a Hub repo id.
-INT8 calibrates on --calibration-frames training frames (a seeded choice); INT8 and fp16 are both
+INT8 calibrates on --calibration-frames training frames (a seeded choice) and by default quantizes
+the 1x1 convolutions and fully connected layers only (--int8-layers); INT8 and fp16 are both
 scored against fp32 on the whole validation split (mean pupil IoU, ellipse-centre error, file
 sizes). A loss of more than --max-drop mean pupil IoU is one ``error:`` line naming the layers whose
 outputs differ most, and no file is written. Without a dataset the fp32 file is only checked
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from common.checkpoint import load_checkpoint, model_from_checkpoint
 from common.cli import add_dataset_options, positive_float, positive_int, report_errors
-from common.infer.quantize import CALIBRATION_METHODS, MAX_PUPIL_IOU_DROP
+from common.infer.quantize import CALIBRATION_METHODS, INT8_LAYERS, MAX_PUPIL_IOU_DROP
 from common.train.data import named_source
 from common.train.export_check import export_model, reduced_name
 
@@ -53,6 +55,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                       help="training frames that calibrate INT8 (a seeded choice)")
     data.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="percentile",
                       help="how INT8 activation ranges are chosen from the calibration frames")
+    data.add_argument("--int8-layers", choices=INT8_LAYERS, default="linear",
+                      help="linear: only 1x1 convolutions and fully connected layers are INT8 (the fastest "
+                           "on CPUs); all: every layer onnxruntime can quantize, for integer accelerators")
     data.add_argument("--seed", type=int, default=0, help="seed of the calibration frames' choice")
     data.add_argument("--max-drop", type=positive_float, default=MAX_PUPIL_IOU_DROP,
                       help="largest loss of mean pupil IoU against fp32 that is accepted")
@@ -70,7 +75,8 @@ def main(args: argparse.Namespace) -> Path:
     report = export_model(model, args.output or reduced_name(args.model, precision), precision, data_args,
                           requested_size=args.input_size, recorded_size=recorded,
                           calibration_frames=args.calibration_frames, seed=args.seed,
-                          method=args.calibration_method, max_drop=args.max_drop)
+                          method=args.calibration_method, int8_layers=args.int8_layers,
+                          max_drop=args.max_drop)
     print("\n".join(report.lines()))
     return report.path
 

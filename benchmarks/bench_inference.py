@@ -8,7 +8,8 @@ A raw 400x640 frame (the camera's, rendered by the synthetic generator) goes thr
     model            uint8 -> [-1, 1] float input, and the ONNX Runtime session
     decode+ellipse   mask, largest component, ellipse fit and confidence, back to the frame's pixels
 
-for every model, fp32 and INT8 (static QDQ, per-channel weights, calibrated on synthetic frames),
+for every model, fp32 and INT8 (static QDQ, per-channel weights, calibrated on synthetic frames;
+``--int8-layers``: the 1x1 convolutions only, the default of export.py, and/or every layer),
 at each model input size, with one thread (OpenCV and ONNX Runtime) and with all cores. It prints
 a markdown table of the median and 99th percentile of each stage and of the total, frames per
 second on the median, and the distance to the 120 Hz budget (8.33 ms). Without --checkpoints the
@@ -19,6 +20,7 @@ Examples:
     python benchmarks/bench_inference.py --checkpoints checkpoints/best_efficientvit_model.pt \
         checkpoints/best_efficientvit_tiny_model.pt
     python benchmarks/bench_inference.py --models efficientvit_micro --sizes 400x640 --threads 1 --runs 50
+    python benchmarks/bench_inference.py --precisions int8 --int8-layers linear all --threads 1
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from common.checkpoint import load_model  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.infer.export import export_onnx  # noqa: E402
 from common.infer.inference import PupilPredictor  # noqa: E402
-from common.infer.quantize import quantize_int8  # noqa: E402
+from common.infer.quantize import INT8_LAYERS, quantize_int8  # noqa: E402
 from common.models import MODEL_NAMES, build_model, count_parameters  # noqa: E402
 from common.prep import preprocess  # noqa: E402
 from common.prep.synthetic import render_sample  # noqa: E402
@@ -75,6 +77,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=200, help="timed frames per row")
     parser.add_argument("--warmup", type=int, default=20, help="untimed frames before timing")
     parser.add_argument("--calibration-frames", type=int, default=32, help="INT8 calibration frames")
+    parser.add_argument("--int8-layers", nargs="+", default=["linear"], choices=INT8_LAYERS,
+                        help="which layers INT8 rows quantize (export.py --int8-layers); one row set each")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -85,19 +89,22 @@ def camera_frames(count: int, size: tuple[int, int], seed: int) -> list[np.ndarr
     return [render_sample(rng, *size)[0] for _ in range(count)]
 
 
-def model_files(models: dict, size: tuple[int, int], precisions, frames, folder: Path) -> dict:
-    """{(name, precision): ONNX path} of every model at input ``size``; INT8 is calibrated on
-    ``frames`` letterboxed and enhanced at that size."""
+def model_files(models: dict, size: tuple[int, int], precisions, int8_layers, frames, folder: Path) -> dict:
+    """{(name, precision label): ONNX path} of every model at input ``size``; INT8 ("int8 linear",
+    "int8 all") is calibrated on ``frames`` letterboxed and enhanced at that size."""
     files = {}
     for name, model in models.items():
         fp32 = export_onnx(model, folder / f"{name}-{size[0]}x{size[1]}.onnx", input_size=size)
-        files[name, "fp32"] = fp32
-        if "int8" in precisions:
-            ready = np.stack([preprocess.enhance_frame(preprocess.letterbox(f, *size)[0]) for f in frames])
-            int8 = fp32.with_name(f"{fp32.stem}.int8.onnx")
-            quantize_int8(fp32, int8, ready, method="minmax")
-            files[name, "int8"] = int8
-    return {key: path for key, path in files.items() if key[1] in precisions}
+        if "fp32" in precisions:
+            files[name, "fp32"] = fp32
+        if "int8" not in precisions:
+            continue
+        ready = np.stack([preprocess.enhance_frame(preprocess.letterbox(f, *size)[0]) for f in frames])
+        for layers in int8_layers:
+            int8 = fp32.with_name(f"{fp32.stem}.int8-{layers}.onnx")
+            quantize_int8(fp32, int8, ready, method="minmax", layers=layers)
+            files[name, f"int8 {layers}"] = int8
+    return files
 
 
 def time_stages(predictor: PupilPredictor, frames, runs: int, warmup: int) -> np.ndarray:
@@ -175,8 +182,8 @@ def main(args: argparse.Namespace) -> int:
     print("|---|---|---|---:|---:|" + "---:|" * (len(STAGES) + 2) + "---|")
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
-            files = model_files(models, size, args.precisions, frames[: args.calibration_frames],
-                                Path(folder))
+            files = model_files(models, size, args.precisions, args.int8_layers,
+                                frames[: args.calibration_frames], Path(folder))
             for (name, precision), path in files.items():
                 for threads in args.threads:
                     row = benchmark_row(path, name, precision, size, threads, frames[:8], args)

@@ -43,12 +43,12 @@ def test_the_stages_are_those_predictor_runs():
 def test_table_has_a_row_per_model_precision_size_and_thread_count(capsys):
     args = bench.get_args_parser().parse_args(
         ["--models", "efficientvit_micro", "--sizes", "32x48", "16x16", "--threads", "1", "0", "--runs", "3",
-         "--warmup", "1", "--calibration-frames", "2", "--frame", "64x96"])
+         "--warmup", "1", "--calibration-frames", "2", "--frame", "64x96", "--int8-layers", "linear", "all"])
     assert bench.main(args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| efficientvit_micro")]
-    assert len(rows) == 2 * 2 * 2  # sizes x precisions x thread settings
+    assert len(rows) == 2 * 3 * 2  # sizes x precisions (fp32, two INT8 layer choices) x thread settings
     cells = [row.strip("|").split("|") for row in rows]
-    assert {cell[1].strip() for cell in cells} == {"fp32", "int8"}
+    assert {cell[1].strip() for cell in cells} == {"fp32", "int8 linear", "int8 all"}
     for cell in cells:
         median, p99 = (float(v) for v in cell[9].split("/"))  # the total
         stages = [float(v.split("/")[0]) for v in cell[5:9]]

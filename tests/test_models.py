@@ -2,10 +2,12 @@
 
 import json
 
+import onnx
 import pytest
 import torch
 from torch import nn
 
+from common.infer.export import export_onnx
 from common.models import (
     MODEL_NAMES,
     build_model,
@@ -178,3 +180,16 @@ def test_window_attention_is_local_and_crops_padding():
     assert diff[:4, :4].max() > 1e-3
     diff[:4, :4] = 0
     assert diff.max() == 0  # no other window sees the change
+
+
+def test_one_head_attention_is_the_head_alone_with_no_split_or_concat_in_onnx(tmp_path):
+    attn = randomize(CascadedGroupAttention(dim=8, key_dim=4, num_heads=1, window_size=3))
+    x = torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(attn(x), attn.proj(_head_zero_output(attn, x)), atol=1e-5)
+    # Micro's attentions all have one head: its exported graph copies no map through a Split with
+    # one output or a Concat with one input
+    path = export_onnx(build_model("efficientvit_micro").eval(), tmp_path / "micro.onnx", input_size=(32, 48))
+    graph = onnx.load(str(path)).graph
+    assert not [n.name for n in graph.node if n.op_type == "Split" and len(n.output) == 1]
+    assert not [n.name for n in graph.node if n.op_type == "Concat" and len(n.input) == 1]

@@ -3,7 +3,8 @@
 TinyEfficientViTSeg and its Micro config are trained for a few seconds on the tiny demo dataset's
 training split (module fixture). Their INT8 and fp16 files must score within 0.005 mean pupil IoU of
 fp32 on its validation split, carry their metadata, and run in PupilPredictor and predict.py; an
-INT8 file calibrated on black frames must be refused in one line, leaving no file behind.
+INT8 file with every layer quantized and calibrated on black frames must be refused in one line,
+leaving no file behind.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import torch
 from datasets import load_dataset
 
 from common.checkpoint import save_checkpoint
-from common.infer.export import read_metadata
+from common.errors import UserError
+from common.infer.export import export_onnx, read_metadata
 from common.infer.inference import PupilPredictor, mask_iou
+from common.infer.quantize import linear_layers, quantize_int8
 from common.models import build_model
 from common.schema import DATA_DIR
 from common.train.data import TRAIN_SPLIT, VALID_SPLIT, ArrowBatches, frame_chunks, open_dataset
@@ -128,21 +131,84 @@ def test_reduced_precision_loses_at_most_0005_pupil_iou(exported, trained, name,
     assert os.listdir(report.path.parent) == [report.path.name]  # no temporaries beside it
 
 
+def int8_conv_weights(proto: onnx.ModelProto) -> list[list[int]]:
+    """Shapes of the int8 4-D (convolution) weights of a QDQ model."""
+    return [list(i.dims) for i in proto.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+
+
+def pointwise_convs(model: torch.nn.Module) -> int:
+    """1x1 convolutions of group 1 in a PyTorch model: what --int8-layers linear quantizes."""
+    return sum(1 for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)
+
+
+def softmax_inputs_are_quantized(proto: onnx.ModelProto) -> bool:
+    producers = {output: node.op_type for node in proto.graph.node for output in node.output}
+    return all(producers.get(node.input[0]) == "DequantizeLinear"
+               for node in proto.graph.node if node.op_type == "Softmax")
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_int8_file_is_quantized_and_keeps_its_metadata(exported, name):
+def test_int8_file_is_quantized_and_keeps_its_metadata(exported, trained, name):
     path = exported[name, "int8"].path
     proto = onnx.load(str(path))
     ops = {node.op_type for node in proto.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
-    int8_weights = [i for i in proto.graph.initializer
-                    if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
-    assert int8_weights, "no convolution weight is stored as int8"
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Softmax"} <= ops
+    # the default: exactly the 1x1 convolutions are int8 (BatchNorms folded away, so the PyTorch
+    # model's own 1x1 Conv2d count); the stem, depthwise convolutions and the softmax stay float
+    shapes = int8_conv_weights(proto)
+    assert len(shapes) == pointwise_convs(trained[name][0]) > 0
+    assert all(shape[2:] == [1, 1] for shape in shapes)
+    assert not softmax_inputs_are_quantized(proto)
     metadata = read_metadata(path)
     assert metadata["model_name"] == name and metadata["precision"] == "int8"
     settings = json.loads(metadata["quantization"])
     assert settings["format"] == "QDQ" and settings["calibration_method"] == "percentile"
+    assert settings["layers"] == "linear"
     assert settings["calibration_frames"] >= 40  # every training frame: fewer than the default 200
     assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [onnx.TensorProto.FLOAT]
+
+
+def test_int8_layers_all_quantizes_spatial_convolutions_and_the_attention(trained, demo_data_dir, tmp_path):
+    model = trained["efficientvit_micro"][0]
+    report = export_model(model, tmp_path / "micro.int8.onnx", "int8", demo_args(demo_data_dir),
+                          recorded_size=DEMO_SIZE, int8_layers="all")
+    proto = onnx.load(str(report.path))
+    shapes = int8_conv_weights(proto)
+    assert any(shape[2:] == [3, 3] and shape[1] == 1 for shape in shapes)  # depthwise and the stem
+    assert len(shapes) == sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert softmax_inputs_are_quantized(proto)
+    assert json.loads(read_metadata(report.path)["quantization"])["layers"] == "all"
+    assert report.scores["fp32"].pupil_iou - report.scores["int8"].pupil_iou <= MAX_LOSS
+
+
+def test_linear_layers_are_the_1x1_convolutions_and_weighted_matmuls(tmp_path):
+    # the original project's network: Linear layers (MatMul with a weight) and attention products
+    # of two activations (MatMul without one), plus 3x3 and 1x1 convolutions
+    model = build_model("efficientvit_original_micro").eval()
+    path = export_onnx(model, tmp_path / "original.onnx", input_size=(32, 48))
+    graph = onnx.load(str(path)).graph
+    chosen = set(linear_layers(graph))
+    weights = {i.name for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert {n.name for n in matmuls if n.input[1] in weights} <= chosen
+    assert not {n.name for n in matmuls if n.input[1] not in weights} & chosen  # q @ k, attn @ v
+    assert any(n.input[1] not in weights for n in matmuls)  # the case above is really there
+    linear = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert len(chosen) == linear + pointwise_convs(model)
+
+
+def test_a_model_without_linear_layers_is_one_line_and_leaves_nothing(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 3, padding=1)).eval()
+    path = export_onnx(model, tmp_path / "plain.onnx", input_size=(16, 16))
+    frames = np.zeros((2, 16, 16), np.uint8)
+    with pytest.raises(UserError, match="no 1x1 convolution or fully connected layer.*--int8-layers all"):
+        quantize_int8(path, tmp_path / "plain.int8.onnx", frames)
+    assert sorted(os.listdir(tmp_path)) == ["plain.onnx"]
+    quantize_int8(path, tmp_path / "plain.int8.onnx", frames, layers="all")
+    assert len(int8_conv_weights(onnx.load(str(tmp_path / "plain.int8.onnx")))) == 2
 
 
 def test_fp16_file_has_half_weights_and_float32_io(exported):
@@ -200,8 +266,9 @@ def test_an_int8_file_that_loses_iou_is_refused_in_one_line(trained, demo_data_d
     checkpoint = shutil.copy(trained["efficientvit"][1], model_dir / "model.pt")
     scratch = tmp_path / "tmp"  # the process's temporary folder: it must be left empty
     scratch.mkdir()
-    command = [sys.executable, "export.py", str(checkpoint), "--int8", "--calibrate", str(dataset),
-               "--data-dir", str(tmp_path / "data")]
+    # every layer INT8: with the linear layers only, ranges collapsed this way still keep the IoU
+    command = [sys.executable, "export.py", str(checkpoint), "--int8", "--int8-layers", "all",
+               "--calibrate", str(dataset), "--data-dir", str(tmp_path / "data")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TMPDIR": str(scratch)})
     assert result.returncode == 1, result.stdout + result.stderr

@@ -166,7 +166,7 @@ class _OnnxBackend:
             raise CheckpointError(f"{path}: ONNX file holds {held}, expected '{expected_model}'")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32)
+        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------- predictor

@@ -81,7 +81,8 @@ class CascadedGroupAttention(nn.Module):
         r = self.window_size
         n = r * r  # tokens per window
         biases = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
-        chunks = x.split(self.head_dim, dim=1)  # heads x (B, head_dim, r, r)
+        # one head: no Split / Concat (each is a copy of the whole map in the exported graph)
+        chunks = x.split(self.head_dim, dim=1) if self.num_heads > 1 else (x,)  # heads x (B, head_dim, r, r)
         outputs = []
         feat = chunks[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
@@ -95,7 +96,7 @@ class CascadedGroupAttention(nn.Module):
             attn = attn.softmax(dim=-1)
             feat = (v @ attn.transpose(-2, -1)).reshape(-1, self.head_dim, r, r)
             outputs.append(feat)
-        return self.proj(torch.cat(outputs, dim=1))
+        return self.proj(torch.cat(outputs, dim=1) if self.num_heads > 1 else outputs[0])
 
 
 class LocalWindowAttention(nn.Module):

@@ -41,7 +41,8 @@ def choose_input_size(requested, recorded, frames) -> tuple[int, int]:
 
 def export_model(model: nn.Module, destination, precision: str, data_args: argparse.Namespace | None, *,
                  requested_size=None, recorded_size=None, calibration_frames: int = 200, seed: int = 0,
-                 method: str = "percentile", max_drop: float = MAX_PUPIL_IOU_DROP) -> PrecisionReport:
+                 method: str = "percentile", int8_layers: str = "linear",
+                 max_drop: float = MAX_PUPIL_IOU_DROP) -> PrecisionReport:
     """Export ``model`` at ``precision``, calibrated and scored on the dataset ``data_args`` name.
 
     Args:
@@ -67,4 +68,5 @@ def export_model(model: nn.Module, destination, precision: str, data_args: argpa
         validation = functools.partial(frame_chunks, valid, range(len(valid)), chunk=SCORE_ROWS)
     size = choose_input_size(requested_size, recorded_size, frames)
     return export_precision(model, destination, precision, input_size=size, calibration=calibration,
-                            validation=validation, method=method, max_drop=max_drop, metadata=metadata)
+                            validation=validation, method=method, int8_layers=int8_layers,
+                            max_drop=max_drop, metadata=metadata)
