@@ -14,6 +14,8 @@ at each model input size, with one thread (OpenCV and ONNX Runtime) and with all
 a markdown table of the median and 99th percentile of each stage and of the total, frames per
 second on the median, and the distance to the 120 Hz budget (8.33 ms). Without --checkpoints the
 models have their initial weights; give trained checkpoints for a realistic decode stage.
+``--profile`` adds onnxruntime's profile of each file on one thread: the kernel time per frame and
+each operator type's share of it, with its node count (layout reorders and transposes included).
 
 Examples:
     python benchmarks/bench_inference.py
@@ -21,11 +23,14 @@ Examples:
         checkpoints/best_efficientvit_tiny_model.pt
     python benchmarks/bench_inference.py --models efficientvit_micro --sizes 400x640 --threads 1 --runs 50
     python benchmarks/bench_inference.py --precisions int8 --int8-layers linear all --threads 1
+    python benchmarks/bench_inference.py --models efficientvit_micro --sizes 400x640 --threads 1 --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import sys
 import tempfile
@@ -80,6 +85,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--int8-layers", nargs="+", default=["linear"], choices=INT8_LAYERS,
                         help="which layers INT8 rows quantize (export.py --int8-layers); one row set each")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print onnxruntime's per-operator profile of each file (one thread)")
     return parser
 
 
@@ -138,6 +145,45 @@ def benchmark_row(path: Path, name: str, precision: str, size, threads: int, fra
             "median": float(np.median(total)), "p99": float(np.percentile(total, 99))}
 
 
+def operator_profile(path: Path, frame: np.ndarray, runs: int, folder: Path) -> tuple[float, list]:
+    """onnxruntime's profile of ``path`` on one thread over ``runs`` frames of the model-ready
+    (1, 1, H, W) ``frame``: (kernel ms per frame, [(op type, nodes, ms per frame)], slowest first)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()  # the predictor's: every graph optimization, one thread
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.enable_profiling, options.profile_file_prefix = True, str(folder / path.stem)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: frame}
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    micros, nodes = collections.Counter(), collections.defaultdict(set)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            micros[event["args"]["op_name"]] += event["dur"]
+            nodes[event["args"]["op_name"]].add(event["name"])
+    ops = [(op, len(nodes[op]), total / runs / 1e3) for op, total in micros.most_common()]
+    return sum(micros.values()) / runs / 1e3, ops
+
+
+def format_profile(name: str, precision: str, size, kernel_ms: float, ops: list) -> str:
+    """One markdown row: the operators that take at least 1% of the kernel time."""
+    shares = ", ".join(f"{op} {100 * ms / kernel_ms:.0f}% ({count})" for op, count, ms in ops
+                       if ms >= 0.01 * kernel_ms)
+    return f"| {name} | {precision} | {size[0]}x{size[1]} | {kernel_ms:.2f} | {shares} |"
+
+
+def print_profiles(files: dict, size, frame: np.ndarray, runs: int, folder: Path) -> None:
+    ready = preprocess.normalize_frame(preprocess.enhance_frame(preprocess.letterbox(frame, *size)[0]))
+    print("\n| model | precision | input | kernel ms per frame | operator: share of kernel time (nodes) |")
+    print("|---|---|---|---:|---|")
+    for (name, precision), path in files.items():
+        kernel_ms, ops = operator_profile(path, ready[None, None], runs, folder)
+        print(format_profile(name, precision, size, kernel_ms, ops), flush=True)
+    print()
+
+
 def format_row(row: dict) -> str:
     stages = " | ".join(f"{m:.2f} / {p:.2f}" for m, p in zip(row["stages"], row["stages_p99"]))
     over = row["median"] - BUDGET_MS
@@ -188,6 +234,8 @@ def main(args: argparse.Namespace) -> int:
                 for threads in args.threads:
                     row = benchmark_row(path, name, precision, size, threads, frames[:8], args)
                     print(format_row(row), flush=True)
+            if args.profile:
+                print_profiles(files, size, frames[0], args.runs, Path(folder))
     return 0
 
 

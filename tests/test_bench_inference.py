@@ -55,6 +55,23 @@ def test_table_has_a_row_per_model_precision_size_and_thread_count(capsys):
         assert 0 < max(stages) <= median <= p99  # every frame's total holds each of its stages
 
 
+def test_profile_gives_each_files_operators_and_their_shares(capsys):
+    args = bench.get_args_parser().parse_args(
+        ["--models", "efficientvit_micro", "--sizes", "32x48", "--threads", "1", "--runs", "3", "--warmup", "1",
+         "--calibration-frames", "2", "--frame", "64x96", "--profile"])
+    assert bench.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| efficientvit_micro")]
+    profiles = [row.strip("|").split("|") for row in rows if len(row.strip("|").split("|")) == 5]
+    assert [cells[1].strip() for cells in profiles] == ["fp32", "int8 linear"]
+    for cells in profiles:
+        assert float(cells[3]) > 0
+        shares = dict(part.strip().split(" ", 1) for part in cells[4].split(","))
+        quantized = cells[1].strip() != "fp32"
+        assert ("QLinearConv" in shares) == quantized and ("QuantizeLinear" in shares) == quantized
+        percents = [float(share.split("%")[0]) for share in shares.values()]
+        assert 0 < sum(percents) <= 101  # rounded shares of the ops that take at least 1%
+
+
 @pytest.mark.parametrize("text", ["400x641", "0x16", "400", "axb"])
 def test_bad_sizes_are_refused_at_parse_time(text, capsys):
     with pytest.raises(SystemExit) as exit_info:
