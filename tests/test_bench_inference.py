@@ -57,8 +57,8 @@ def test_table_has_a_row_per_model_precision_size_and_thread_count(capsys):
 
 def test_profile_gives_each_files_operators_and_their_shares(capsys):
     args = bench.get_args_parser().parse_args(
-        ["--models", "efficientvit_micro", "--sizes", "32x48", "--threads", "1", "--runs", "3", "--warmup", "1",
-         "--calibration-frames", "2", "--frame", "64x96", "--profile"])
+        ["--models", "efficientvit_micro", "--sizes", "32x48", "--threads", "1", "--runs", "3",
+         "--warmup", "1", "--calibration-frames", "2", "--frame", "64x96", "--profile"])
     assert bench.main(args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| efficientvit_micro")]
     profiles = [row.strip("|").split("|") for row in rows if len(row.strip("|").split("|")) == 5]
