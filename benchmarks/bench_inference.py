@@ -14,6 +14,8 @@ at each model input size, with one thread (OpenCV and ONNX Runtime) and with all
 a markdown table of the median and 99th percentile of each stage and of the total, frames per
 second on the median, and the distance to the 120 Hz budget (8.33 ms). Without --checkpoints the
 models have their initial weights; give trained checkpoints for a realistic decode stage.
+Each row runs in the ONNX Runtime CPU layout ``--ort-layout`` gives (``auto``, the default of
+predict.py too: the faster of the blocked and plain layouts on that file), named in its layout column.
 ``--profile`` adds onnxruntime's profile of each file on one thread: the kernel time per frame and
 each operator type's share of it, with its node count (layout reorders and transposes included).
 
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from common.checkpoint import load_model  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.infer.export import export_onnx  # noqa: E402
-from common.infer.inference import PupilPredictor  # noqa: E402
+from common.infer.inference import ORT_LAYOUTS, PupilPredictor, session_options  # noqa: E402
 from common.infer.quantize import INT8_LAYERS, quantize_int8  # noqa: E402
 from common.models import MODEL_NAMES, build_model, count_parameters  # noqa: E402
 from common.prep import preprocess  # noqa: E402
@@ -85,6 +87,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--int8-layers", nargs="+", default=["linear"], choices=INT8_LAYERS,
                         help="which layers INT8 rows quantize (export.py --int8-layers); one row set each")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ort-layout", choices=ORT_LAYOUTS, default="auto",
+                        help="ONNX Runtime's CPU convolution layout (predict.py --ort-layout); auto: each "
+                             "row times both on its file and keeps the faster, shown in the layout column")
     parser.add_argument("--profile", action="store_true",
                         help="also print onnxruntime's per-operator profile of each file (one thread)")
     return parser
@@ -136,22 +141,23 @@ def time_stages(predictor: PupilPredictor, frames, runs: int, warmup: int) -> np
 def benchmark_row(path: Path, name: str, precision: str, size, threads: int, frames, args) -> dict:
     cores = threads or os.cpu_count()
     cv2.setNumThreads(cores)
-    predictor = PupilPredictor(path, threads=cores)
+    predictor = PupilPredictor(path, threads=cores, layout=args.ort_layout)
     times = time_stages(predictor, frames, args.runs, args.warmup)
     total = times.sum(axis=1)
-    return {"model": name, "precision": precision, "size": size, "threads": cores,
+    return {"model": name, "precision": precision, "size": size, "threads": cores, "layout": predictor.layout,
             "kb": path.stat().st_size / 1024, "stages": np.median(times, axis=0),
             "stages_p99": np.percentile(times, 99, axis=0),
             "median": float(np.median(total)), "p99": float(np.percentile(total, 99))}
 
 
-def operator_profile(path: Path, frame: np.ndarray, runs: int, folder: Path) -> tuple[float, list]:
-    """onnxruntime's profile of ``path`` on one thread over ``runs`` frames of the model-ready
-    (1, 1, H, W) ``frame``: (kernel ms per frame, [(op type, nodes, ms per frame)], slowest first)."""
+def operator_profile(path: Path, layout: str, frame: np.ndarray, runs: int,
+                     folder: Path) -> tuple[float, list]:
+    """onnxruntime's profile of ``path`` in ``layout`` on one thread over ``runs`` frames of the
+    model-ready (1, 1, H, W) ``frame``: (kernel ms per frame, [(op type, nodes, ms per frame)],
+    slowest first)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()  # the predictor's: every graph optimization, one thread
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options = session_options(1, layout)  # the predictor's
     options.enable_profiling, options.profile_file_prefix = True, str(folder / path.stem)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: frame}
@@ -167,20 +173,22 @@ def operator_profile(path: Path, frame: np.ndarray, runs: int, folder: Path) -> 
     return sum(micros.values()) / runs / 1e3, ops
 
 
-def format_profile(name: str, precision: str, size, kernel_ms: float, ops: list) -> str:
+def format_profile(name: str, precision: str, size, layout: str, kernel_ms: float, ops: list) -> str:
     """One markdown row: the operators that take at least 1% of the kernel time."""
     shares = ", ".join(f"{op} {100 * ms / kernel_ms:.0f}% ({count})" for op, count, ms in ops
                        if ms >= 0.01 * kernel_ms)
-    return f"| {name} | {precision} | {size[0]}x{size[1]} | {kernel_ms:.2f} | {shares} |"
+    return f"| {name} | {precision} | {size[0]}x{size[1]} | {layout} | {kernel_ms:.2f} | {shares} |"
 
 
-def print_profiles(files: dict, size, frame: np.ndarray, runs: int, folder: Path) -> None:
+def print_profiles(files: dict, layouts: dict, size, frame: np.ndarray, runs: int, folder: Path) -> None:
+    """The profile of every file of ``files`` in its one-thread row's layout (``layouts``)."""
     ready = preprocess.normalize_frame(preprocess.enhance_frame(preprocess.letterbox(frame, *size)[0]))
-    print("\n| model | precision | input | kernel ms per frame | operator: share of kernel time (nodes) |")
-    print("|---|---|---|---:|---|")
-    for (name, precision), path in files.items():
-        kernel_ms, ops = operator_profile(path, ready[None, None], runs, folder)
-        print(format_profile(name, precision, size, kernel_ms, ops), flush=True)
+    print("\n| model | precision | input | layout | kernel ms per frame | "
+          "operator: share of kernel time (nodes) |")
+    print("|---|---|---|---|---:|---|")
+    for key, path in files.items():
+        kernel_ms, ops = operator_profile(path, layouts[key], ready[None, None], runs, folder)
+        print(format_profile(*key, size, layouts[key], kernel_ms, ops), flush=True)
     print()
 
 
@@ -193,7 +201,7 @@ def format_row(row: dict) -> str:
         slowest = STAGES[int(np.argmax(row["stages"]))]
         verdict = f"{over:.2f} ms over; {slowest} {row['stages'].max():.2f} ms"
     return (f"| {row['model']} | {row['precision']} | {row['size'][0]}x{row['size'][1]} | {row['threads']} | "
-            f"{row['kb']:.0f} | {stages} | {row['median']:.2f} / {row['p99']:.2f} | "
+            f"{row['layout']} | {row['kb']:.0f} | {stages} | {row['median']:.2f} / {row['p99']:.2f} | "
             f"{1000.0 / row['median']:.0f} | {verdict} |")
 
 
@@ -223,19 +231,22 @@ def main(args: argparse.Namespace) -> int:
           f"{args.runs} timed frames per row; cells are median / p99 ms; budget {BUDGET_MS:.2f} ms (120 Hz)")
     print(", ".join(f"{name} {count_parameters(model):,} parameters"
                     for name, model in models.items()) + "\n")
-    print("| model | precision | input | threads | ONNX KB | " + " | ".join(STAGES) +
+    print("| model | precision | input | threads | layout | ONNX KB | " + " | ".join(STAGES) +
           " | total | FPS | 120 Hz budget |")
-    print("|---|---|---|---:|---:|" + "---:|" * (len(STAGES) + 2) + "---|")
+    print("|---|---|---|---:|---|---:|" + "---:|" * (len(STAGES) + 2) + "---|")
     with tempfile.TemporaryDirectory() as folder:
         for size in args.sizes:
             files = model_files(models, size, args.precisions, args.int8_layers,
                                 frames[: args.calibration_frames], Path(folder))
+            layouts = {}  # (name, precision) -> the layout of its one-thread row, for the profile
             for (name, precision), path in files.items():
                 for threads in args.threads:
                     row = benchmark_row(path, name, precision, size, threads, frames[:8], args)
                     print(format_row(row), flush=True)
+                    if row["threads"] == 1 or (name, precision) not in layouts:
+                        layouts[name, precision] = row["layout"]
             if args.profile:
-                print_profiles(files, size, frames[0], args.runs, Path(folder))
+                print_profiles(files, layouts, size, frames[0], args.runs, Path(folder))
     return 0
 
 

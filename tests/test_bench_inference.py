@@ -49,25 +49,31 @@ def test_table_has_a_row_per_model_precision_size_and_thread_count(capsys):
     assert len(rows) == 2 * 3 * 2  # sizes x precisions (fp32, two INT8 layer choices) x thread settings
     cells = [row.strip("|").split("|") for row in rows]
     assert {cell[1].strip() for cell in cells} == {"fp32", "int8 linear", "int8 all"}
+    assert {cell[4].strip() for cell in cells} <= {"blocked", "plain"}  # --ort-layout auto chose one
     for cell in cells:
-        median, p99 = (float(v) for v in cell[9].split("/"))  # the total
-        stages = [float(v.split("/")[0]) for v in cell[5:9]]
+        median, p99 = (float(v) for v in cell[10].split("/"))  # the total
+        stages = [float(v.split("/")[0]) for v in cell[6:10]]
         assert 0 < max(stages) <= median <= p99  # every frame's total holds each of its stages
 
 
 def test_profile_gives_each_files_operators_and_their_shares(capsys):
     args = bench.get_args_parser().parse_args(
         ["--models", "efficientvit_micro", "--sizes", "32x48", "--threads", "1", "--runs", "3",
-         "--warmup", "1", "--calibration-frames", "2", "--frame", "64x96", "--profile"])
+         "--warmup", "1", "--calibration-frames", "2", "--frame", "64x96", "--profile",
+         "--ort-layout", "plain"])
     assert bench.main(args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| efficientvit_micro")]
-    profiles = [row.strip("|").split("|") for row in rows if len(row.strip("|").split("|")) == 5]
+    profiles = [row.strip("|").split("|") for row in rows if len(row.strip("|").split("|")) == 6]
     assert [cells[1].strip() for cells in profiles] == ["fp32", "int8 linear"]
+    timed = [row.strip("|").split("|") for row in rows if len(row.strip("|").split("|")) > 6]
+    assert [cells[4].strip() for cells in timed] == ["plain"] * 2
+    assert [cells[3].strip() for cells in profiles] == ["plain"] * 2
     for cells in profiles:
-        assert float(cells[3]) > 0
-        shares = dict(part.strip().split(" ", 1) for part in cells[4].split(","))
+        assert float(cells[4]) > 0
+        shares = dict(part.strip().split(" ", 1) for part in cells[5].split(","))  # "Conv": "38% (50)"
         quantized = cells[1].strip() != "fp32"
         assert ("QLinearConv" in shares) == quantized and ("QuantizeLinear" in shares) == quantized
+        assert not any(op.startswith("Reorder") for op in shares)  # the plain layout has no reorders
         percents = [float(share.split("%")[0]) for share in shares.values()]
         assert 0 < sum(percents) <= 101  # rounded shares of the ops that take at least 1%
 

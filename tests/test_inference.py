@@ -393,3 +393,40 @@ def test_model_ready_frames_are_not_enhanced_again(trained):
     np.testing.assert_array_equal(predictor.outputs_prepared(ready), expected)
     with pytest.raises(InputError, match=r"model-ready frames must be \(B, 96, 160\) uint8"):
         predictor.outputs_prepared(ready[:, :, :128])
+
+
+def test_onnx_layouts_give_the_same_predictions_and_auto_keeps_the_faster(trained, frames):
+    folder, truths = frames
+    images = [cv2.imread(str(folder / f"{name}.png"), cv2.IMREAD_UNCHANGED) for name in sorted(truths)]
+    blocked = PupilPredictor(trained["onnx"], threads=1)  # onnxruntime's default
+    plain = PupilPredictor(trained["onnx"], threads=1, layout="plain")
+    auto = PupilPredictor(trained["onnx"], threads=1, layout="auto")
+    assert (blocked.layout, plain.layout) == ("blocked", "plain")
+    assert blocked.backend.layout_ms == plain.backend.layout_ms == {}
+    timed = auto.backend.layout_ms
+    assert set(timed) == {"blocked", "plain"} and min(timed.values()) > 0
+    assert auto.layout == min(timed, key=timed.get)
+    batch = np.stack([preprocess.enhance_frame(image) for image in images[:3]])  # the model-size frames
+    blocked_logits, plain_logits = (p.outputs_prepared(batch) for p in (blocked, plain))
+    assert np.abs(blocked_logits - plain_logits).max() < 1e-4  # the same function either way
+    for image in images:
+        a, b = blocked.predict(image), plain.predict(image)
+        assert np.mean(a.mask != b.mask) <= 1e-3
+    assert PupilPredictor(trained["pt"], layout="auto").layout is None  # PyTorch: nothing to choose
+    with pytest.raises(InputError, match="layout must be one of blocked, plain, auto"):
+        PupilPredictor(trained["onnx"], layout="nchwc")
+
+
+def test_predict_py_prints_the_layout_trial_only_for_auto(trained, frames, tmp_path):
+    folder, truths = frames
+    image = folder / f"{sorted(truths)[0]}.png"
+    auto = run_predict("--model", trained["onnx"], "--input", image, "--output-dir", tmp_path / "auto",
+                       "--threads", "1")
+    assert auto.returncode == 0, auto.stderr
+    [line] = [line for line in auto.stdout.splitlines() if line.startswith("onnxruntime layout:")]
+    assert "blocked" in line and "plain" in line and line.rsplit("using ", 1)[1] in ("blocked", "plain")
+    fixed = run_predict("--model", trained["onnx"], "--input", image, "--output-dir", tmp_path / "fixed",
+                        "--ort-layout", "plain")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "onnxruntime layout" not in fixed.stdout
+    assert read_csv(tmp_path / "auto" / "ellipses.csv")[0]["found"] == "1"

@@ -31,6 +31,12 @@ from common.infer import export
 from common.prep import preprocess
 from common.prep.preprocess import Ellipse, Letterbox
 
+# onnxruntime's CPU layouts: "blocked" is its default (every graph optimization, convolutions in a
+# channel-blocked layout, 8 or 16 channels wide by CPU); "plain" keeps every optimization but that
+# one, which is faster for networks whose layers are thinner than the block (TinyEfficientViT-Micro's
+# 8 to 18 channels: README, "A whole frame"); "auto" times both on the loaded file and keeps the faster.
+ORT_LAYOUTS = ("blocked", "plain", "auto")
+LAYOUT_TRIALS = 7  # timed runs per layout for "auto", alternating, after one untimed run each
 MASK_COLOR_BGR = (0, 200, 0)
 ELLIPSE_COLOR_BGR = (0, 0, 255)
 
@@ -125,8 +131,9 @@ def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- model back ends
 class _TorchBackend:
     def __init__(self, path: Path, device: torch.device, expected_model: str | None,
-                 threads: int | None = None):
+                 threads: int | None = None, layout: str = "blocked"):
         checkpoint = load_checkpoint(path)
+        self.layout, self.layout_ms = None, {}  # onnxruntime's choice; PyTorch has none to make
         self.device = device
         self.model = model_from_checkpoint(checkpoint, path, self.device, expected_model)
         self.name = checkpoint["model_config"]["name"]
@@ -140,30 +147,69 @@ class _TorchBackend:
         return output.float().cpu().numpy()  # host sync: the result is needed on the CPU
 
 
+def session_options(threads: int | None, layout: str):
+    """onnxruntime SessionOptions for ``threads`` intra-op threads (None: all cores) and the CPU
+    ``layout`` ("blocked" or "plain")."""
+    import onnxruntime as ort  # only needed for .onnx files
+
+    options = ort.SessionOptions()  # every graph optimization, onnxruntime's default
+    if layout == "plain":  # all but the layout transformation, the only one past "extended"
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return options
+
+
+def _onnx_session(path: Path, providers: list[str], threads: int | None, layout: str):
+    """An onnxruntime session of ``path`` with the CPU ``layout`` ("blocked" or "plain")."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), session_options(threads, layout), providers=providers)
+
+
+def _faster_session(sessions: dict, batch: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The layout of ``sessions`` (layout -> session) that runs ``batch`` faster: medians of
+    LAYOUT_TRIALS alternating runs each, after one untimed run. Returns (layout, {layout: ms})."""
+    feeds = {layout: {session.get_inputs()[0].name: batch} for layout, session in sessions.items()}
+    times = {layout: [] for layout in sessions}
+    for trial in range(LAYOUT_TRIALS + 1):
+        for layout, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[layout])
+            if trial:
+                times[layout].append((time.perf_counter() - start) * 1e3)
+    medians = {layout: float(np.median(values)) for layout, values in times.items()}
+    return min(medians, key=medians.get), medians
+
+
 class _OnnxBackend:
     def __init__(self, path: Path, device: torch.device, expected_model: str | None,
-                 threads: int | None = None):
-        import onnxruntime as ort  # only needed for .onnx files
-
+                 threads: int | None = None, layout: str = "blocked"):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()  # every graph optimization, onnxruntime's default
-        if threads:
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            layout = "blocked"  # the CPU's layout choice means nothing to the GPU's kernels
+        trials = ("blocked", "plain") if layout == "auto" else (layout,)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            sessions = {trial: _onnx_session(path, providers, threads, trial) for trial in trials}
             self.input_size = tuple(export.onnx_input_size(path))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf types
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"cannot load ONNX model {path}: {message}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        output = self.session.get_outputs()[0]  # "logits" (B, 2, H, W) or "ellipse" (B, 4)
+        first = next(iter(sessions.values()))
+        self.input_name = first.get_inputs()[0].name
+        output = first.get_outputs()[0]  # "logits" (B, 2, H, W) or "ellipse" (B, 4)
         self.task = "ellipse" if output.name == "ellipse" or len(output.shape) == 2 else "segmentation"
-        self.name = self.session.get_modelmeta().custom_metadata_map.get("model_name")
+        self.name = first.get_modelmeta().custom_metadata_map.get("model_name")
         if expected_model is not None and self.name != expected_model:
             held = f"a '{self.name}' model" if self.name else "no model_name metadata"
             raise CheckpointError(f"{path}: ONNX file holds {held}, expected '{expected_model}'")
+        self.layout_ms = {}
+        if len(sessions) > 1:
+            # (1, C, h, w) zeros: the time barely depends on the values
+            shape = [dim if isinstance(dim, int) else 1 for dim in first.get_inputs()[0].shape]
+            layout, self.layout_ms = _faster_session(sessions, np.zeros(shape, np.float32))
+        self.layout, self.session = layout, sessions[layout]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
@@ -181,18 +227,23 @@ class PupilPredictor:
         expected_model: if given, refuse a model file of another architecture (CheckpointError).
         threads: ONNX Runtime's intra-op threads for an ``.onnx`` file (None: all cores); an
             edge device's one core is ``threads=1``.
+        layout: ONNX Runtime's CPU layout for an ``.onnx`` file, one of ``ORT_LAYOUTS``; "auto"
+            times both on the file at load (about 20 model runs) and keeps the faster, as
+            ``layout`` says afterwards (``backend.layout_ms`` holds the two medians).
     """
 
     def __init__(self, model_path, device: str = "cpu", threshold: float | None = None,
-                 expected_model: str | None = None, threads: int | None = None):
+                 expected_model: str | None = None, threads: int | None = None, layout: str = "blocked"):
         path = Path(model_path)
         if not path.is_file():
             raise CheckpointError(f"model file not found: {path}")
         device = resolve_device(str(device))
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise InputError(f"threshold must be in (0, 1), got {threshold}")
+        if layout not in ORT_LAYOUTS:
+            raise InputError(f"layout must be one of {', '.join(ORT_LAYOUTS)}, got {layout!r}")
         backend = _OnnxBackend if path.suffix.lower() == ".onnx" else _TorchBackend
-        self.backend = backend(path, device, expected_model, threads)
+        self.backend = backend(path, device, expected_model, threads, layout)
         self.threshold = threshold
 
     @property
@@ -202,6 +253,11 @@ class PupilPredictor:
     @property
     def model_name(self) -> str | None:
         return self.backend.name
+
+    @property
+    def layout(self) -> str | None:
+        """The ONNX Runtime CPU layout in use ("blocked" or "plain"); None for a PyTorch checkpoint."""
+        return self.backend.layout
 
     @property
     def input_size(self) -> tuple[int, int]:
