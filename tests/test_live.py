@@ -355,6 +355,25 @@ def test_pupil_confidence_by_hand():
     assert pupil_confidence(None, "ellipse", mask, ellipse, quarter, region) == pytest.approx(63 / 255)
 
 
+def test_pupil_confidence_counts_only_mask_pixels_inside_the_region():
+    rng = np.random.default_rng(0)
+    height, width = 32, 48
+    region = np.zeros((height, width), np.uint8)
+    region[4:28, :40] = 1  # letterbox-like padding at the top, bottom and right
+    ellipse = Ellipse(0.7, 0.5, 0.3, 0.25, 0.0)  # reaches into the padding on the right
+    mask = preprocess.draw_ellipse(ellipse, height, width)
+    logits = rng.normal(size=(2, height, width)).astype(np.float32)
+    inside = (mask == 1) & (region == 1)
+    expected = np.mean(1.0 / (1.0 + np.exp(-(logits[1] - logits[0])[inside])))
+    assert pupil_confidence(logits, "segmentation", mask, ellipse, None, region) == pytest.approx(expected)
+    picture = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    grown = Ellipse(ellipse.cx, ellipse.cy, 1.5 * ellipse.rx, 1.5 * ellipse.ry, 0.0)
+    ring = (preprocess.draw_ellipse(grown, height, width) == 1) & (region == 1) & ~inside
+    contrast = (picture[ring].mean() - picture[inside].mean()) / 255.0
+    assert pupil_confidence(None, "ellipse", mask, ellipse, picture, region) == pytest.approx(
+        float(np.clip(contrast, 0.0, 1.0)))
+
+
 def test_window_draws_the_newest_result_and_quits_on_q(monkeypatch):
     """The window's drawing and keys, without a display: cv2's GUI calls are replaced."""
     frame = np.full(MODEL_SIZE, 128, np.uint8)

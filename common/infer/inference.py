@@ -68,10 +68,10 @@ def segment(logits: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """(2, h, w) logits -> (h, w) uint8 0/1 pupil mask: argmax (ties to background), or pupil
     probability > ``threshold``."""
     if threshold is None:
-        return (logits[1] > logits[0]).astype(np.uint8)
+        return (logits[1] > logits[0]).view(np.uint8)  # bool is one byte of 0 or 1: no copy
     # softmax(l)[1] > t  <=>  l1 - l0 > log(t / (1 - t))
     margin = np.log(threshold / (1.0 - threshold))
-    return (logits[1] - logits[0] > margin).astype(np.uint8)
+    return (logits[1] - logits[0] > margin).view(np.uint8)
 
 
 def decode_output(output: np.ndarray, task: str, size: tuple[int, int], threshold: float | None = None,
@@ -105,18 +105,19 @@ def pupil_confidence(output: np.ndarray, task: str, mask: np.ndarray, ellipse: E
         pupil, e.g. a closed eye), larger the darker the pupil stands out.
     Only pixels inside ``region`` (the frame, without letterbox padding) count.
     """
-    inside = mask.astype(bool) & region.astype(bool)
-    if ellipse is None or not inside.any():
+    inside = np.flatnonzero(np.logical_and(mask, region))  # (n,) flat indices of the pupil
+    if ellipse is None or not inside.size:
         return 0.0
     if task == "ellipse":
         grown = Ellipse(ellipse.cx, ellipse.cy, 1.5 * ellipse.rx, 1.5 * ellipse.ry, ellipse.angle)
-        ring = preprocess.draw_ellipse(grown, *mask.shape).astype(bool) & region.astype(bool) & ~inside
+        ring = np.logical_and(preprocess.draw_ellipse(grown, *mask.shape), region)
+        ring.flat[inside] = False
         if not ring.any():
             return 0.0
         contrast = (model_input[ring].mean(dtype=np.float64)
-                    - model_input[inside].mean(dtype=np.float64)) / 255.0
+                    - model_input.ravel()[inside].mean(dtype=np.float64)) / 255.0
         return float(np.clip(contrast, 0.0, 1.0))
-    margin = output[1][inside] - output[0][inside]  # (n,) pupil minus background logit
+    margin = output[1].ravel()[inside] - output[0].ravel()[inside]  # (n,) pupil minus background logit
     return float(np.mean(0.5 * (1.0 + np.tanh(margin / 2.0))))  # the sigmoid, without overflow
 
 
