@@ -35,7 +35,7 @@ OpenCV as BGR and always converted to grayscale.
 
 An .onnx model runs in ONNX Runtime on --threads threads (default: all cores). --ort-layout auto
 (the default) times ONNX Runtime's channel-blocked convolution layout against the plain one on the
-loaded file (about 20 model runs) and keeps the faster, printing both times; thin models such as
+loaded file (22 model runs) and keeps the faster, printing both times; thin models such as
 TinyEfficientViT-Micro run faster in the plain layout on some CPUs. blocked or plain skip the trial.
 
 Live (a positional VIDEO, --input VIDEO --live, or --camera N; common/infer/live.py): frames are

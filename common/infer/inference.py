@@ -36,7 +36,7 @@ from common.prep.preprocess import Ellipse, Letterbox
 # one, which is faster for networks whose layers are thinner than the block (TinyEfficientViT-Micro's
 # 8 to 18 channels: README, "A whole frame"); "auto" times both on the loaded file and keeps the faster.
 ORT_LAYOUTS = ("blocked", "plain", "auto")
-LAYOUT_TRIALS = 7  # timed runs per layout for "auto", alternating, after one untimed run each
+LAYOUT_TRIALS = 10  # timed runs per layout for "auto", alternating, after one untimed run each
 MASK_COLOR_BGR = (0, 200, 0)
 ELLIPSE_COLOR_BGR = (0, 0, 255)
 
@@ -169,8 +169,9 @@ def _onnx_session(path: Path, providers: list[str], threads: int | None, layout:
 
 
 def _faster_session(sessions: dict, batch: np.ndarray) -> tuple[str, dict[str, float]]:
-    """The layout of ``sessions`` (layout -> session) that runs ``batch`` faster: medians of
-    LAYOUT_TRIALS alternating runs each, after one untimed run. Returns (layout, {layout: ms})."""
+    """The layout of ``sessions`` (layout -> session) that runs ``batch`` faster: the fastest of
+    LAYOUT_TRIALS alternating runs each, after one untimed run (the fastest run is the one least
+    disturbed by whatever else the machine does). Returns (layout, {layout: ms})."""
     feeds = {layout: {session.get_inputs()[0].name: batch} for layout, session in sessions.items()}
     times = {layout: [] for layout in sessions}
     for trial in range(LAYOUT_TRIALS + 1):
@@ -179,8 +180,8 @@ def _faster_session(sessions: dict, batch: np.ndarray) -> tuple[str, dict[str, f
             session.run(None, feeds[layout])
             if trial:
                 times[layout].append((time.perf_counter() - start) * 1e3)
-    medians = {layout: float(np.median(values)) for layout, values in times.items()}
-    return min(medians, key=medians.get), medians
+    fastest = {layout: min(values) for layout, values in times.items()}
+    return min(fastest, key=fastest.get), fastest
 
 
 class _OnnxBackend:
@@ -229,8 +230,8 @@ class PupilPredictor:
         threads: ONNX Runtime's intra-op threads for an ``.onnx`` file (None: all cores); an
             edge device's one core is ``threads=1``.
         layout: ONNX Runtime's CPU layout for an ``.onnx`` file, one of ``ORT_LAYOUTS``; "auto"
-            times both on the file at load (about 20 model runs) and keeps the faster, as
-            ``layout`` says afterwards (``backend.layout_ms`` holds the two medians).
+            times both on the file at load (22 model runs) and keeps the faster, as
+            ``layout`` says afterwards (``backend.layout_ms`` holds each one's fastest run).
     """
 
     def __init__(self, model_path, device: str = "cpu", threshold: float | None = None,
