@@ -281,8 +281,8 @@ def main(args: argparse.Namespace) -> Path:
     predictor = PupilPredictor(args.model, device=args.device, threshold=args.threshold,
                                expected_model=args.expected_model, threads=args.threads,
                                layout=args.ort_layout)
-    if predictor.backend.layout_ms:
-        trial = ", ".join(f"{layout} {ms:.2f} ms" for layout, ms in predictor.backend.layout_ms.items())
+    if predictor.layout_ms:
+        trial = ", ".join(f"{layout} {ms:.2f} ms" for layout, ms in predictor.layout_ms.items())
         print(f"onnxruntime layout: {trial} per frame; using {predictor.layout}")
     if live_run:
         return run_live(args, predictor)

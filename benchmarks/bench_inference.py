@@ -105,13 +105,14 @@ def model_files(models: dict, size: tuple[int, int], precisions, int8_layers, fr
     """{(name, precision label): ONNX path} of every model at input ``size``; INT8 ("int8 linear",
     "int8 all") is calibrated on ``frames`` letterboxed and enhanced at that size."""
     files = {}
+    if "int8" in precisions:  # the calibration frames, as the model sees them at this size
+        ready = np.stack([preprocess.enhance_frame(preprocess.letterbox(f, *size)[0]) for f in frames])
     for name, model in models.items():
         fp32 = export_onnx(model, folder / f"{name}-{size[0]}x{size[1]}.onnx", input_size=size)
         if "fp32" in precisions:
             files[name, "fp32"] = fp32
         if "int8" not in precisions:
             continue
-        ready = np.stack([preprocess.enhance_frame(preprocess.letterbox(f, *size)[0]) for f in frames])
         for layers in int8_layers:
             int8 = fp32.with_name(f"{fp32.stem}.int8-{layers}.onnx")
             quantize_int8(fp32, int8, ready, method="minmax", layers=layers)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -317,6 +318,33 @@ def test_corrupt_model_file_is_refused(frames, capsys, tmp_path, filename, messa
     assert err.startswith(f"error: {message} {model}")
 
 
+def identity_onnx(path: Path, input_type: int, input_shape, output_shape) -> Path:
+    """An ONNX file whose ``image`` input goes through an Identity to its output (a foreign model)."""
+    from onnx import helper
+
+    image = helper.make_tensor_value_info("image", input_type, input_shape)
+    logits = helper.make_tensor_value_info("logits", input_type, output_shape)
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g", [image], [logits])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["blocked", "auto"])
+@pytest.mark.parametrize(
+    "input_type, shape, message",
+    [(onnx.TensorProto.UINT8, [1, 1, 32, 48], "its input 'image' is tensor(uint8)"),
+     (onnx.TensorProto.FLOAT, [1, 3, 32, 48], "its input 'image' is tensor(float) [1, 3, 32, 48]"),
+     (onnx.TensorProto.FLOAT, [1, 1, 32, 48], "its output 'logits' is tensor(float) [1, 1, 32, 48]")],
+)
+def test_onnx_file_of_another_interface_is_one_line(frames, capsys, tmp_path, layout, input_type, shape,
+                                                    message):
+    model = identity_onnx(tmp_path / "foreign.onnx", input_type, shape, shape)
+    err = _main_error(capsys, "--model", model, "--input", frames[0], "--output-dir", tmp_path / "o",
+                      "--ort-layout", layout)
+    assert err.startswith(f"error: {model}: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_undecodable_video_is_refused(trained, capsys, tmp_path):
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"\x00not a video" * 100)
@@ -402,8 +430,8 @@ def test_onnx_layouts_give_the_same_predictions_and_auto_keeps_the_faster(traine
     plain = PupilPredictor(trained["onnx"], threads=1, layout="plain")
     auto = PupilPredictor(trained["onnx"], threads=1, layout="auto")
     assert (blocked.layout, plain.layout) == ("blocked", "plain")
-    assert blocked.backend.layout_ms == plain.backend.layout_ms == {}
-    timed = auto.backend.layout_ms
+    assert blocked.layout_ms == plain.layout_ms == {}
+    timed = auto.layout_ms
     assert set(timed) == {"blocked", "plain"} and min(timed.values()) > 0
     assert auto.layout == min(timed, key=timed.get)
     batch = np.stack([preprocess.enhance_frame(image) for image in images[:3]])  # the model-size frames

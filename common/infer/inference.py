@@ -184,6 +184,18 @@ def _faster_session(sessions: dict, batch: np.ndarray) -> tuple[str, dict[str, f
     return min(fastest, key=fastest.get), fastest
 
 
+def _check_interface(session, path: Path) -> None:
+    """CheckpointError unless the session takes float (batch, 1, H, W) frames and gives (batch, 2,
+    H, W) logits or (batch, 4) ellipses, the interface ``export.export_onnx`` writes."""
+    image, output = session.get_inputs()[0], session.get_outputs()[0]
+    if image.type != "tensor(float)" or len(image.shape) != 4 or image.shape[1] != 1:
+        raise CheckpointError(f"{path}: its input '{image.name}' is {image.type} {image.shape}; expected "
+                              "float (batch, 1, H, W) frames, as export.py writes")
+    if output.type != "tensor(float)" or list(output.shape[1:]) not in ([2, *image.shape[2:]], [4]):
+        raise CheckpointError(f"{path}: its output '{output.name}' is {output.type} {output.shape}; "
+                              "expected float (batch, 2, H, W) logits or (batch, 4) ellipses")
+
+
 class _OnnxBackend:
     def __init__(self, path: Path, device: torch.device, expected_model: str | None,
                  threads: int | None = None, layout: str = "blocked"):
@@ -199,6 +211,7 @@ class _OnnxBackend:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"cannot load ONNX model {path}: {message}") from None
         first = next(iter(sessions.values()))
+        _check_interface(first, path)
         self.input_name = first.get_inputs()[0].name
         output = first.get_outputs()[0]  # "logits" (B, 2, H, W) or "ellipse" (B, 4)
         self.task = "ellipse" if output.name == "ellipse" or len(output.shape) == 2 else "segmentation"
@@ -208,9 +221,8 @@ class _OnnxBackend:
             raise CheckpointError(f"{path}: ONNX file holds {held}, expected '{expected_model}'")
         self.layout_ms = {}
         if len(sessions) > 1:
-            # (1, C, h, w) zeros: the time barely depends on the values
-            shape = [dim if isinstance(dim, int) else 1 for dim in first.get_inputs()[0].shape]
-            layout, self.layout_ms = _faster_session(sessions, np.zeros(shape, np.float32))
+            zeros = np.zeros((1, 1, *self.input_size), np.float32)  # (1, 1, h, w); values barely matter
+            layout, self.layout_ms = _faster_session(sessions, zeros)
         self.layout, self.session = layout, sessions[layout]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -231,7 +243,7 @@ class PupilPredictor:
             edge device's one core is ``threads=1``.
         layout: ONNX Runtime's CPU layout for an ``.onnx`` file, one of ``ORT_LAYOUTS``; "auto"
             times both on the file at load (22 model runs) and keeps the faster, as
-            ``layout`` says afterwards (``backend.layout_ms`` holds each one's fastest run).
+            ``layout`` says afterwards (``layout_ms`` holds each one's fastest run).
     """
 
     def __init__(self, model_path, device: str = "cpu", threshold: float | None = None,
@@ -260,6 +272,11 @@ class PupilPredictor:
     def layout(self) -> str | None:
         """The ONNX Runtime CPU layout in use ("blocked" or "plain"); None for a PyTorch checkpoint."""
         return self.backend.layout
+
+    @property
+    def layout_ms(self) -> dict[str, float]:
+        """{layout: fastest trial run in ms} of ``layout="auto"``; empty when nothing was timed."""
+        return self.backend.layout_ms
 
     @property
     def input_size(self) -> tuple[int, int]:
