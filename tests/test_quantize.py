@@ -211,6 +211,17 @@ def test_a_model_without_linear_layers_is_one_line_and_leaves_nothing(tmp_path):
     assert len(int8_conv_weights(onnx.load(str(tmp_path / "plain.int8.onnx")))) == 2
 
 
+def test_a_layer_constant_over_the_calibration_frames_is_one_line_for_histogram_methods(tmp_path):
+    # A freshly built network: its residual branches start at zero (BatchNorm scale 0), so those
+    # outputs are constant, and a histogram of them has no range to bin.
+    path = export_onnx(build_model("efficientvit_micro").eval(), tmp_path / "fresh.onnx", input_size=(32, 48))
+    frames = np.random.default_rng(0).integers(0, 256, (4, 32, 48), dtype=np.uint8)
+    with pytest.raises(UserError, match=r"INT8 calibration \(percentile\) failed: a layer's output is"):
+        quantize_int8(path, tmp_path / "fresh.int8.onnx", frames)
+    assert sorted(os.listdir(tmp_path)) == ["fresh.onnx"]  # nothing half-written, no temporary
+    quantize_int8(path, tmp_path / "fresh.int8.onnx", frames, method="minmax")  # the suggested way works
+
+
 def test_fp16_file_has_half_weights_and_float32_io(exported):
     path = exported["efficientvit", "fp16"].path
     proto = onnx.load(str(path))

@@ -191,7 +191,13 @@ def _check_interface(session, path: Path) -> None:
     if image.type != "tensor(float)" or len(image.shape) != 4 or image.shape[1] != 1:
         raise CheckpointError(f"{path}: its input '{image.name}' is {image.type} {image.shape}; expected "
                               "float (batch, 1, H, W) frames, as export.py writes")
-    if output.type != "tensor(float)" or list(output.shape[1:]) not in ([2, *image.shape[2:]], [4]):
+
+    def fits(per_frame) -> bool:  # the dimensions after the batch; a named (symbolic) one can be anything
+        dims = output.shape[1:]
+        return len(dims) == len(per_frame) and all(
+            not isinstance(dim, int) or dim == want for dim, want in zip(dims, per_frame))
+
+    if output.type != "tensor(float)" or not (fits([2, *image.shape[2:]]) or fits([4])):
         raise CheckpointError(f"{path}: its output '{output.name}' is {output.type} {output.shape}; "
                               "expected float (batch, 2, H, W) logits or (batch, 4) ellipses")
 

@@ -190,6 +190,12 @@ def quantize_int8(fp32_path: Path, destination: Path, frames: np.ndarray, method
                                "QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}},
                 **choice,
             )
+    except ValueError as exc:  # numpy's histogram, inside onnxruntime's Percentile/Entropy calibrators
+        if "bins" not in str(exc):
+            raise
+        raise UserError(f"INT8 calibration ({method}) failed: a layer's output is the same on every "
+                        "calibration frame (an untrained model, or identical frames); calibrate on more "
+                        "varied frames or use --calibration-method minmax") from None
     finally:
         prepared.unlink(missing_ok=True)
     return {"format": "QDQ", "weights": "int8 symmetric per-channel", "activations": "uint8",
